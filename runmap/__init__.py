@@ -1,0 +1,70 @@
+"""runmap: the built-in ``map``, over replicas of your code, on this machine or a cluster.
+
+Example:
+    >>> import runmap as rm
+    >>> with rm.mapper(lambda n: n ** n, num_replicas=3) as m:
+    ...     m.map([1, 2, 3, 4], progress=False)
+    [1, 4, 27, 256]
+"""
+
+from __future__ import annotations
+
+from runmap.cluster import Cluster, LocalCluster, cluster
+from runmap.envs import Env, env
+from runmap.exceptions import (
+    AllocationError,
+    AuthError,
+    ClusterError,
+    ConfigError,
+    ProtocolError,
+    RemoteError,
+    ReplicaDiedError,
+    ReplicaError,
+    ReplicaTimeoutError,
+    RunmapError,
+    SerializationError,
+)
+from runmap.mapper import Mapper, mapper
+from runmap.module import (
+    Function,
+    Module,
+    Remote,
+    RemoteClass,
+    RemoteFunction,
+    RemoteInstance,
+    RemoteMethod,
+    function,
+    module,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocationError",
+    "AuthError",
+    "Cluster",
+    "ClusterError",
+    "ConfigError",
+    "Env",
+    "Function",
+    "LocalCluster",
+    "Mapper",
+    "Module",
+    "ProtocolError",
+    "Remote",
+    "RemoteClass",
+    "RemoteError",
+    "RemoteFunction",
+    "RemoteInstance",
+    "RemoteMethod",
+    "ReplicaDiedError",
+    "ReplicaError",
+    "ReplicaTimeoutError",
+    "RunmapError",
+    "SerializationError",
+    "cluster",
+    "env",
+    "function",
+    "mapper",
+    "module",
+]

@@ -1,0 +1,49 @@
+"""Clusters: where servlets are launched. ``rm.cluster()`` is the embedded local one."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from runmap.cluster.base import Cluster
+from runmap.cluster.local import LocalCluster
+from runmap.exceptions import ConfigError
+
+_default: LocalCluster | None = None
+_default_lock = threading.Lock()
+
+
+def default_cluster() -> LocalCluster:
+    """The embedded local cluster of this process, started again if it was closed."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = LocalCluster("local")
+        return _default
+
+
+def cluster(kind: str = "local", **options: Any) -> Cluster:
+    """A cluster to run servlets on.
+
+    Args:
+        kind: ``"local"`` (this machine), or ``"ray"`` (``pip install runmap[ray]``).
+        **options: the kind's own options, such as ``name`` or ``address``.
+
+    With no options, ``rm.cluster()`` is the embedded local cluster that plain
+    callables given to :func:`runmap.mapper` run on; with options, a new one.
+
+    Example:
+        >>> import runmap as rm
+        >>> rm.cluster().kind
+        'local'
+    """
+    if kind == "local":
+        return LocalCluster(**options) if options else default_cluster()
+    if kind == "ray":
+        from runmap.cluster.ray import RayCluster
+
+        return RayCluster(**options)
+    raise ConfigError(f"unknown cluster kind {kind!r}; expected 'local' or 'ray'")
+
+
+__all__ = ["Cluster", "LocalCluster", "cluster", "default_cluster"]

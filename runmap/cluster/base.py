@@ -1,0 +1,153 @@
+"""What every cluster does: start servlets for envs, name replicas, and clean up.
+
+Clusters differ only in how a servlet is launched and reached
+(:meth:`Cluster._launch`); the bookkeeping here is shared. Every cluster
+registers itself so that whatever is still open when the interpreter exits is
+closed then: nothing runmap starts outlives its client.
+"""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from runmap.envs.env import Env
+from runmap.exceptions import ClusterError
+from runmap.servlet import Servlet
+
+_open_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for cluster in list(_open_clusters):
+        try:
+            cluster.close()
+        except Exception:  # at exit, one cluster's failure must not keep the others alive
+            pass
+
+
+class Cluster(ABC):
+    """Where servlets run. Use as a context manager, or call :meth:`close`.
+
+    Attributes:
+        name: the cluster's name, shown in replica descriptions and ``runmap status``.
+        token: the bearer token every servlet of this cluster demands.
+    """
+
+    kind = "base"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.token = secrets.token_urlsafe(32)
+        self._servlets: dict[str, Servlet] = {}
+        self._starting: dict[str, threading.Lock] = {}
+        self._replica_counters: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        _open_clusters.add(self)
+
+    # ------------------------------------------------------------ launching
+
+    @abstractmethod
+    def _launch(self, env: Env) -> Servlet:
+        """Starts a servlet for ``env`` and returns once it answers requests."""
+
+    def servlet(self, env: Env | None = None) -> Servlet:
+        """The servlet of ``env`` on this cluster, started if it isn't running."""
+        env = env or Env()
+        with self._lock:
+            self._check_open()
+            existing = self._servlets.get(env.name)
+            if existing is not None and existing.is_alive():
+                return existing
+            gate = self._starting.setdefault(env.name, threading.Lock())
+        with gate:  # two threads asking for one env start one servlet
+            with self._lock:
+                existing = self._servlets.get(env.name)
+                if existing is not None and existing.is_alive():
+                    return existing
+            return self.start_servlet(env)
+
+    def start_servlet(self, env: Env) -> Servlet:
+        """Starts a new servlet for ``env``, which must not be running here yet."""
+        with self._lock:
+            self._check_open()
+            running = self._servlets.get(env.name)
+            if running is not None and running.is_alive():
+                raise ClusterError(f"{env.name!r} already runs on cluster {self.name!r}")
+        servlet = self._launch(env)
+        with self._lock:
+            if self._closed:
+                servlet.stop()
+                self._check_open()
+            self._servlets[env.name] = servlet
+        return servlet
+
+    def replica_env(self, env: Env) -> Env:
+        """The next replica of ``env``: ``<origin>_replica_<i>``, ``i`` never reused."""
+        with self._lock:
+            i = self._replica_counters.get(env.origin, 0) + 1
+            while env.replicate(i).name in self._servlets:
+                i += 1
+            self._replica_counters[env.origin] = i
+            return env.replicate(i)
+
+    def unique_env(self, env: Env) -> Env:
+        """``env`` renamed, if need be, to a name no servlet here has used."""
+        with self._lock:
+            name, n = env.name, 1
+            while name in self._servlets or name in self._starting:
+                n += 1
+                name = f"{env.name}_{n}"
+            self._starting.setdefault(name, threading.Lock())
+            return env if name == env.name else env.renamed(name)
+
+    # ------------------------------------------------------------- stopping
+
+    def stop_servlet(self, servlet: Servlet) -> None:
+        with self._lock:
+            if self._servlets.get(servlet.env.name) is servlet:
+                del self._servlets[servlet.env.name]
+        servlet.stop()
+
+    @property
+    def servlets(self) -> list[Servlet]:
+        with self._lock:
+            return list(self._servlets.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stops every servlet of this cluster. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            servlets = list(self._servlets.values())
+            self._servlets.clear()
+        _open_clusters.discard(self)
+        if servlets:
+            with ThreadPoolExecutor(max_workers=min(16, len(servlets))) as pool:
+                list(pool.map(lambda s: s.stop(), servlets))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClusterError(f"cluster {self.name!r} is closed")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._servlets)} servlets"
+        return f"<{type(self).__name__} {self.name!r} {state}>"

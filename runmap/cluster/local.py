@@ -1,0 +1,178 @@
+"""The embedded local cluster: servlets are subprocesses of this client, on loopback.
+
+Each servlet is ``python -m runmap.server``, started in its own session (so a
+Ctrl-C in the terminal reaches the client, which then cleans up, and not the
+replicas half-way through a call) with its configuration and token on stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from runmap.cluster.base import Cluster
+from runmap.envs.env import Env
+from runmap.exceptions import ClusterError, ConfigError
+from runmap.paths import log_dir
+from runmap.servlet import HTTPServlet, describe_returncode
+
+START_TIMEOUT = 60.0
+STOP_GRACE = 3.0
+LOOPBACK = "127.0.0.1"
+
+
+class LocalServlet(HTTPServlet):
+    def __init__(self, name: str, env: Env, cluster: Cluster, port: int, proc: subprocess.Popen[bytes], log: Path):
+        super().__init__(name, env, cluster, cluster_host(cluster), port)
+        self.proc = proc
+        self.log_path = log
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def exit_reason(self) -> str:
+        if self.stopped:
+            return "stopped by runmap"
+        return describe_returncode(self.proc.poll())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.stop()
+
+    def _terminate(self) -> None:
+        proc = self.proc
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdin is not None and not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+
+def cluster_host(cluster: Cluster) -> str:
+    return getattr(cluster, "host", LOOPBACK)
+
+
+class LocalCluster(Cluster):
+    """Servlets as subprocesses on this machine.
+
+    Args:
+        name: the cluster's name.
+        host: the address servlets listen on. Loopback unless told otherwise:
+            servlets run pickles, so only this machine should reach them.
+        max_body: the largest request body, in bytes, a servlet accepts.
+
+    Example:
+        >>> import runmap as rm
+        >>> with rm.cluster("local", name="scratch") as c:
+        ...     double = rm.function(lambda x: 2 * x).to(c)
+        ...     double(21)
+        42
+    """
+
+    kind = "local"
+
+    def __init__(self, name: str = "local", host: str = LOOPBACK, max_body: int = 1 << 30) -> None:
+        super().__init__(name)
+        self.host = host
+        self.max_body = max_body
+
+    def python_for(self, env: Env) -> str:
+        """The interpreter a servlet of ``env`` runs on."""
+        if env.reqs:
+            from runmap.envs.builder import build_venv
+
+            return build_venv(env)
+        return sys.executable
+
+    def _launch(self, env: Env) -> LocalServlet:
+        if env.working_dir is not None and not os.path.isdir(env.working_dir):
+            raise ConfigError(f"working_dir {env.working_dir!r} of env {env.name!r} is not a directory")
+        python = self.python_for(env)
+        log = log_dir(self.name) / f"{env.name}.log"
+        config = {
+            "name": env.name,
+            "token": self.token,
+            "host": self.host,
+            "port": 0,
+            "max_body": self.max_body,
+            "sys_path": [p for p in sys.path if p],
+        }
+        child_env = {**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"}
+        with open(log, "ab") as log_file:
+            proc = subprocess.Popen(
+                [python, "-m", "runmap.server"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=child_env,
+                cwd=env.working_dir or os.getcwd(),
+                start_new_session=True,
+            )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(config).encode() + b"\n")
+            proc.stdin.flush()
+            ready = _read_ready_line(proc, START_TIMEOUT)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+            raise
+        proc.stdout.close()
+        if ready is None:
+            code = proc.poll()
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            tail = _tail(log)
+            raise ClusterError(
+                f"servlet {env.name!r} did not start ({describe_returncode(code)}); its log {log} ends with:\n{tail}"
+            )
+        return LocalServlet(env.name, env, self, int(ready["port"]), proc, log)
+
+
+def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, int] | None:
+    """The servlet's ``{"port": ..}`` line, or None if it died or took too long."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                return None
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                return None
+            buf += chunk
+    try:
+        return json.loads(buf.split(b"\n", 1)[0])  # type: ignore[no-any-return]
+    except ValueError:
+        return None
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,103 @@
+"""The Env spec: what a replica's process needs to run a module."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+from runmap.exceptions import ConfigError
+
+DEFAULT_NAME = "default"
+
+
+@dataclass(frozen=True)
+class Env:
+    """A named process environment for replicas.
+
+    Attributes:
+        name: the env's name; a servlet on a cluster is found by it.
+        reqs: pip requirements (``["numpy>=2"]``), or the path of a requirements file.
+        compute: resources each replica asks of its cluster, such as
+            ``{"CPU": 0.5, "GPU": 1, "memory": 2**30}``; other keys are custom resources.
+        env_vars: environment variables set in the replica's process.
+        working_dir: the replica's working directory (and first entry of ``sys.path``).
+        origin: the env this one replicates (its own name for an original).
+
+    Example:
+        >>> e = Env(name="model", compute={"CPU": 0.5})
+        >>> e.replicate(1).name
+        'model_replica_1'
+    """
+
+    name: str = DEFAULT_NAME
+    reqs: tuple[str, ...] = ()
+    compute: Mapping[str, float] = field(default_factory=dict)
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
+    origin: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"an env name must be non-empty and contain no '/': {self.name!r}")
+        for key, amount in self.compute.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+                raise ConfigError(f"compute[{key!r}] must be a number >= 0, not {amount!r}")
+        for key, value in self.env_vars.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError(f"env_vars must map str to str, not {key!r}: {value!r}")
+        if not self.origin:
+            object.__setattr__(self, "origin", self.name)
+
+    def replicate(self, i: int) -> Env:
+        """The env of replica ``i``: the same spec, named ``<origin>_replica_<i>``."""
+        return replace(self, name=f"{self.origin}_replica_{i}")
+
+    def renamed(self, name: str) -> Env:
+        """The same spec under another name, as an original of its own."""
+        return replace(self, name=name, origin=name)
+
+    @property
+    def content_hash(self) -> str:
+        """A hash of what the env installs and sets, not of its name."""
+        body = json.dumps(
+            [list(self.reqs), dict(self.env_vars), self.working_dir],
+            sort_keys=True,
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def env(
+    name: str | None = None,
+    reqs: Sequence[str] | str | None = None,
+    compute: Mapping[str, float] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    working_dir: str | os.PathLike[str] | None = None,
+) -> Env:
+    """Describes an env.
+
+    Args:
+        name: the env's name; defaults to ``"default"``.
+        reqs: pip requirement strings, or the path of a requirements file.
+        compute: resources each replica asks for (``{"CPU": 0.5, "GPU": 1}``).
+        env_vars: environment variables for the replica's process.
+        working_dir: the replica's working directory.
+
+    Example:
+        >>> import runmap as rm
+        >>> rm.env(name="model", compute={"CPU": 0.5}).name
+        'model'
+    """
+    if isinstance(reqs, str):
+        reqs_t: tuple[str, ...] = (reqs,)
+    else:
+        reqs_t = tuple(reqs or ())
+    return Env(
+        name=name or DEFAULT_NAME,
+        reqs=reqs_t,
+        compute=dict(compute or {}),
+        env_vars=dict(env_vars or {}),
+        working_dir=os.fspath(working_dir) if working_dir is not None else None,
+    )

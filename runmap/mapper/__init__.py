@@ -1,0 +1,38 @@
+"""The Mapper: fans inputs out over replicas of a module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runmap.mapper.mapper import MapOptions, Mapper
+
+
+def mapper(target: Any, method: str | None = None, **kwargs: Any) -> Mapper:
+    """Builds a :class:`Mapper` over ``target``.
+
+    Args:
+        target: a remote instance (with ``method``), a remote method, a remote
+            function, or a plain callable (lambda, closure, notebook function),
+            which is placed on the embedded local cluster.
+        method: the method of a remote instance to map.
+        replicas: remote modules to use as further replicas, on any cluster
+            (an int is read as ``num_replicas``, Runhouse's spelling).
+        num_replicas: the total; the target's own replica counts as one, the
+            rest are created by duplicating its env. Defaults to ``os.cpu_count()``
+            for a plain callable, else the target plus the supplied replicas.
+        concurrency: calls in flight per replica.
+        timeout: seconds any one request may take.
+        retries: how often an input may be re-run after replicas die under it.
+        replace_dead: start a replacement for a replica that dies.
+        cluster, env: where a plain callable is placed.
+
+    Example:
+        >>> import runmap as rm
+        >>> with rm.mapper(lambda n: n ** n, num_replicas=3) as m:
+        ...     m.map([1, 2, 3, 4], progress=False)
+        [1, 4, 27, 256]
+    """
+    return Mapper(target, method, **kwargs)
+
+
+__all__ = ["MapOptions", "Mapper", "mapper"]

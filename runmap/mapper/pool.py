@@ -1,0 +1,299 @@
+"""The replicas of a Mapper and the slot threads that feed them.
+
+    Mapper.map ──► TaskQueue ──► slot threads (concurrency per replica, one
+                   (shared)       channel each) ──► servlet ──► Sink of the task
+                      ▲                 │
+                      └── re-queued ◄───┘ when the replica died under the task
+
+Every slot pulls the next task from one shared queue when it is free, so a
+slow input never holds back inputs another replica could take, and a replica
+never has more than ``concurrency`` calls in flight.
+
+A replica that dies is retired at once: its slots stop pulling, the task it
+lost goes back to the front of the queue (at-least-once), and the pool asks
+its owner for a replacement. When no replica is left and none is coming, the
+pool is *broken*: every queued and future task fails with a
+``ReplicaDiedError`` that says what happened to each replica.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from runmap import serialization as ser
+from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
+from runmap.mapper.tasks import Task, TaskQueue
+from runmap.module import Remote
+from runmap.transport.base import Channel
+
+EXIT_WAIT = 1.0  # how long to wait for a dead replica's exit code
+
+
+@dataclass(eq=False)
+class Replica:
+    """A Mapper's view of one replica: the remote module and its slots."""
+
+    remote: Remote
+    owned: bool
+    retired: bool = False
+    reason: str = ""
+    slots: list[threading.Thread] = field(default_factory=list)
+    channels: list[Channel] = field(default_factory=list)
+    calls: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.remote.name
+
+
+class ReplicaPool:
+    """Replicas, their slot threads, and what happens when one dies.
+
+    Args:
+        method: the method called on every replica (None for a function).
+        concurrency: calls in flight per replica.
+        retries: how often one task may be re-run after replicas died under it.
+        on_lost: called with a retired replica, to start a replacement; it
+            returns whether one is coming (and must then call :meth:`add` or
+            :meth:`replacement_failed`).
+    """
+
+    def __init__(
+        self,
+        method: str | None,
+        concurrency: int,
+        retries: int,
+        on_lost: Callable[[Replica], bool],
+    ) -> None:
+        self.method = method
+        self.concurrency = concurrency
+        self.retries = retries
+        self.on_lost = on_lost
+        self.tasks = TaskQueue()
+        self.replicas: list[Replica] = []
+        self._lock = threading.Lock()
+        self._pending_replacements = 0
+        self._broken: ReplicaDiedError | None = None
+        self._closing = False
+
+    # -------------------------------------------------------------- replicas
+
+    def add(self, remote: Remote, owned: bool) -> Replica:
+        replica = Replica(remote, owned)
+        with self._lock:
+            if self._closing:
+                raise ReplicaDiedError("the Mapper is closed", remote.name)
+            self.replicas.append(replica)
+            self._broken = None
+            for i in range(self.concurrency):
+                slot = threading.Thread(
+                    target=self._run_slot, args=(replica,), name=f"runmap-slot-{replica.name}-{i}", daemon=True
+                )
+                replica.slots.append(slot)
+        for slot in replica.slots:
+            slot.start()
+        return replica
+
+    def expect_replacements(self, n: int) -> None:
+        with self._lock:
+            self._pending_replacements += n
+
+    def replacement_done(self) -> None:
+        with self._lock:
+            self._pending_replacements -= 1
+
+    def replacement_failed(self, reason: str) -> None:
+        with self._lock:
+            self._pending_replacements -= 1
+            self._check_broken(reason)
+
+    @property
+    def alive(self) -> list[Replica]:
+        with self._lock:
+            return [r for r in self.replicas if not r.retired]
+
+    @property
+    def broken(self) -> ReplicaDiedError | None:
+        return self._broken
+
+    def describe(self) -> dict[str, str]:
+        """Each replica's name and what became of it."""
+        with self._lock:
+            return {r.name: (r.reason or "alive") for r in self.replicas}
+
+    # ----------------------------------------------------------------- tasks
+
+    def submit(self, task: Task, front: bool = False) -> None:
+        with self._lock:
+            broken = self._broken
+        if broken is not None:
+            task.sink.failed(task, broken)
+        else:
+            self.tasks.put(task, front)
+
+    def _run_slot(self, replica: Replica) -> None:
+        try:
+            channel = replica.remote.servlet.open_channel()
+        except Exception as exc:  # pragma: no cover - opening is lazy for every transport
+            self._retire(replica, str(exc))
+            return
+        with self._lock:
+            replica.channels.append(channel)
+        module, method = replica.remote.module_name, self.method
+        try:
+            while True:
+                task = self.tasks.get(lambda: replica.retired)
+                if task is None:
+                    return
+                if task.sink.cancelled:
+                    continue
+                started = time.perf_counter()
+                try:
+                    data = channel.call(module, method, task.payload, task.timeout)
+                except ReplicaTimeoutError as exc:
+                    self._timed_out(replica, task, exc)
+                    return
+                except ReplicaDiedError as exc:
+                    self._lost(replica, task, exc)
+                    return
+                except SerializationError as exc:
+                    task.sink.failed(task, _name_inputs(exc, task, replica.name))
+                    continue
+                except Exception as exc:
+                    task.sink.failed(task, exc)
+                    continue
+                try:
+                    outcome = ser.load_outcome(data)
+                except Exception as exc:
+                    task.sink.failed(
+                        task,
+                        SerializationError(
+                            f"the results of inputs {_span(task)} from {replica.name} could not be "
+                            f"unpickled (result): {exc!r}",
+                            index=task.start,
+                            side="result",
+                            replica=replica.name,
+                        ),
+                    )
+                    continue
+                replica.calls += 1
+                task.sink.done(task, outcome, replica.name, time.perf_counter() - started)
+        finally:
+            channel.close()
+
+    # ---------------------------------------------------------------- deaths
+
+    def _lost(self, replica: Replica, task: Task, exc: ReplicaDiedError) -> None:
+        if self._closing:
+            task.sink.failed(task, exc)
+            return
+        self._retire(replica, self._death_reason(replica, exc))
+        task.attempts += 1
+        task.lost_on.append(replica.name)
+        if task.attempts > self.retries:
+            task.sink.failed(
+                task,
+                ReplicaDiedError(
+                    f"inputs {_span(task)} were lost {task.attempts} times, with replicas "
+                    f"{', '.join(task.lost_on)} dying under them: {self._describe_text()}",
+                    replica.name,
+                    replicas=self.describe(),
+                    inputs=list(task.indexes),
+                ),
+            )
+        else:
+            self.submit(task, front=True)
+
+    def _timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:
+        # Python can't stop the thread running the call: the replica has to go.
+        self._retire(replica, f"killed after a call outlived its timeout of {task.timeout:g} s", kill=True)
+        task.sink.failed(
+            task, ReplicaTimeoutError(f"inputs {_span(task)}: {exc}", replica.name)
+        )
+
+    def _death_reason(self, replica: Replica, exc: ReplicaDiedError) -> str:
+        servlet = replica.remote.servlet
+        deadline = time.monotonic() + EXIT_WAIT
+        while servlet.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if servlet.is_alive():
+            return f"unreachable ({exc})"
+        reason = servlet.exit_reason()
+        if reason.startswith("SIG") or reason.startswith("exit code"):
+            return f"died: {reason}"
+        return reason
+
+    def _retire(self, replica: Replica, reason: str, kill: bool = False) -> None:
+        with self._lock:
+            if replica.retired:
+                return
+            replica.retired = True
+            replica.reason = reason
+            closing = self._closing
+        self.tasks.wake_all()
+        for channel in list(replica.channels):
+            channel.abort()
+        servlet = replica.remote.servlet
+        if kill:
+            servlet.kill()
+        if kill or (replica.owned and servlet.is_alive()):
+            servlet.cluster.stop_servlet(servlet)
+        if closing:
+            return
+        coming = self.on_lost(replica)
+        with self._lock:
+            if not coming:
+                self._check_broken(reason)
+
+    def _check_broken(self, last_reason: str) -> None:
+        """Breaks the pool if no replica is left and none is coming. Holds ``_lock``."""
+        if self._pending_replacements > 0 or any(not r.retired for r in self.replicas):
+            return
+        described = {r.name: (r.reason or "alive") for r in self.replicas}
+        queued = self.tasks.drain()
+        inputs = sorted(i for t in queued for i in t.indexes)
+        self._broken = ReplicaDiedError(
+            "no replica is left: " + "; ".join(f"{n}: {r}" for n, r in described.items()),
+            replicas=described,
+            inputs=inputs,
+        )
+        for task in queued:
+            task.sink.failed(task, self._broken)
+
+    def _describe_text(self) -> str:
+        return "; ".join(f"{n}: {r}" for n, r in self.describe().items())
+
+    # --------------------------------------------------------------- closing
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the slots; calls in flight are abandoned."""
+        with self._lock:
+            self._closing = True
+            replicas = list(self.replicas)
+        self.tasks.close()
+        for replica in replicas:
+            for channel in list(replica.channels):
+                channel.abort()
+        deadline = time.monotonic() + timeout
+        for replica in replicas:
+            for slot in replica.slots:
+                if slot is not threading.current_thread():
+                    slot.join(max(0.0, deadline - time.monotonic()))
+
+
+def _span(task: Task) -> str:
+    return str(task.start) if task.count == 1 else f"{task.start}-{task.start + task.count - 1}"
+
+
+def _name_inputs(exc: SerializationError, task: Task, replica: str) -> SerializationError:
+    """A servlet-side unpickling error, reworded with the chunk's input indexes."""
+    side = exc.side or "argument"
+    return SerializationError(
+        f"inputs {_span(task)} could not be unpickled on {replica} ({side}): {exc}",
+        index=task.start,
+        side=side,
+        replica=replica,
+    )

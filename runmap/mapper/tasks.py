@@ -1,0 +1,115 @@
+"""Units of work and where their outcomes go.
+
+A :class:`Task` is one chunk of consecutive inputs of one map (or one
+``submit``), already serialized. Its :class:`Sink` receives exactly one final
+event per task: :meth:`Sink.done` with the chunk's outcome, or
+:meth:`Sink.failed` with an error that stands for every input of the chunk.
+Retries after a replica dies happen before that, inside the pool.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from runmap import serialization as ser
+
+
+class Sink:
+    """Where the final events of a map's tasks go: a queue the map loop reads."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.cancelled = False
+
+    def done(self, task: Task, outcome: ser.Outcome, replica: str, seconds: float) -> None:
+        self.events.put((task, outcome, replica, seconds))
+
+    def failed(self, task: Task, exc: BaseException) -> None:
+        self.events.put((task, exc, None, 0.0))
+
+
+class FutureSink(Sink):
+    """The sink of a single ``submit``: resolves a :class:`concurrent.futures.Future`."""
+
+    def __init__(self, future: Future[Any]) -> None:
+        super().__init__()
+        self.future = future
+
+    def done(self, task: Task, outcome: ser.Outcome, replica: str, seconds: float) -> None:
+        if outcome.errors:
+            self.future.set_exception(outcome.errors[0].to_exception())
+        else:
+            self.future.set_result(outcome.results[0])
+
+    def failed(self, task: Task, exc: BaseException) -> None:
+        self.future.set_exception(exc)
+
+
+@dataclass(eq=False)
+class Task:
+    """A chunk of ``count`` inputs starting at input ``start``."""
+
+    start: int
+    count: int
+    payload: bytes
+    sink: Sink
+    timeout: float | None = None
+    attempts: int = 0
+    lost_on: list[str] = field(default_factory=list)
+
+    @property
+    def indexes(self) -> range:
+        return range(self.start, self.start + self.count)
+
+
+class TaskQueue:
+    """FIFO of tasks shared by every replica slot; a retried task goes to the front."""
+
+    def __init__(self) -> None:
+        self._tasks: deque[Task] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def put(self, task: Task, front: bool = False) -> None:
+        with self._cv:
+            if front:
+                self._tasks.appendleft(task)
+            else:
+                self._tasks.append(task)
+            self._cv.notify()
+
+    def get(self, stop: Callable[[], bool]) -> Task | None:
+        """The next task, or None once the queue is closed or ``stop()`` is true."""
+        with self._cv:
+            while True:
+                if self._closed or stop():
+                    return None
+                if self._tasks:
+                    return self._tasks.popleft()
+                self._cv.wait()
+
+    def wake_all(self) -> None:
+        """Makes every waiting :meth:`get` look at its ``stop`` again."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def drain(self) -> list[Task]:
+        with self._cv:
+            tasks = list(self._tasks)
+            self._tasks.clear()
+            return tasks
+
+    def discard(self, sink: Sink) -> None:
+        """Drops the queued tasks of a map that no longer wants them."""
+        with self._cv:
+            self._tasks = deque(t for t in self._tasks if t.sink is not sink)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()

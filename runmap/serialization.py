@@ -1,0 +1,185 @@
+"""How arguments, results and errors travel between the client and a servlet.
+
+A *call* carries a chunk of inputs for one module method; the *outcome* carries
+their results and, for the inputs whose user code raised, the exceptions with
+their formatted tracebacks. Both are single pickles: a chunk of a thousand ints
+costs one ``dumps`` and one ``loads``, not a thousand.
+
+Plain :mod:`pickle` is tried first because it is several times faster than
+cloudpickle on small objects; cloudpickle takes over for what pickle cannot
+handle (lambdas, closures, classes and functions defined in ``__main__`` or a
+notebook, which must travel by value). When neither can pickle a chunk, each
+item is tried alone so that the error names the one that failed.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from runmap.exceptions import RemoteError, RemoteTraceback, SerializationError
+
+PROTOCOL = 5
+
+# Single-argument calls (by far the most common: ``map(f, xs)``) send the bare
+# values instead of 1-tuples, which saves two opcodes per item on the wire.
+SINGLE = 1
+STAR = 2
+
+_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError)
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickles ``obj``, with cloudpickle where plain pickle can't or shouldn't.
+
+    Plain pickle stores functions and classes by reference; one defined in
+    ``__main__`` would then be looked up in the *servlet's* ``__main__`` and
+    fail there, so such a pickle is redone by value.
+    """
+    try:
+        data = pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    if b"__main__" in data:
+        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    return data
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return pickle.loads(data)
+
+
+def first_unpicklable(items: list[Any]) -> tuple[int, BaseException] | None:
+    """Index and error of the first item that neither pickle can serialize."""
+    for i, item in enumerate(items):
+        try:
+            dumps(item)
+        except Exception as exc:
+            return i, exc
+    return None
+
+
+# --------------------------------------------------------------------- calls
+
+
+def dump_call(mode: int, items: list[Any], kwargs: dict[str, Any] | None, base_index: int = 0) -> bytes:
+    """Serializes a chunk of inputs, naming the first input that can't be.
+
+    Raises:
+        SerializationError: with ``side="argument"`` and the input's index.
+    """
+    try:
+        return dumps((mode, items, kwargs or None))
+    except Exception as exc:
+        bad = first_unpicklable(items)
+        if bad is None:
+            raise SerializationError(
+                f"the keyword arguments could not be pickled: {exc!r}", side="argument"
+            ) from exc
+        i, item_exc = bad
+        raise SerializationError(
+            f"input {base_index + i} could not be pickled (argument): {item_exc!r}",
+            index=base_index + i,
+            side="argument",
+        ) from item_exc
+
+
+def load_call(data: bytes | memoryview) -> tuple[int, list[Any], dict[str, Any] | None]:
+    mode, items, kwargs = loads(data)
+    return mode, items, kwargs
+
+
+# ------------------------------------------------------------------ outcomes
+
+
+@dataclass
+class ErrorInfo:
+    """An exception raised by user code in a replica, ready to travel.
+
+    ``exc`` is the pickled exception, or None when it could not be pickled;
+    ``type_name``, ``message`` and ``tb`` always survive.
+    """
+
+    exc: bytes | None
+    type_name: str
+    message: str
+    tb: str
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> ErrorInfo:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            blob: bytes | None = dumps(exc)
+            loads(blob)  # an exception that pickles but can't be rebuilt is no better
+        except Exception:
+            blob = None
+        type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return cls(blob, type_name, str(exc), tb)
+
+    def to_exception(self) -> BaseException:
+        """Rebuilds the user's exception with the remote traceback as its cause."""
+        exc: BaseException | None = None
+        if self.exc is not None:
+            try:
+                exc = loads(self.exc)
+            except Exception:
+                exc = None
+        if exc is None:
+            exc = RemoteError(f"{self.type_name}: {self.message}", self.type_name, self.tb)
+        exc.__cause__ = RemoteTraceback(self.tb)
+        return exc
+
+
+@dataclass
+class Outcome:
+    """Results of one chunk: ``results[i]`` unless ``i in errors``."""
+
+    results: list[Any]
+    errors: dict[int, ErrorInfo] = field(default_factory=dict)
+    duration: float = 0.0  # seconds the servlet spent running the chunk
+
+
+def dump_outcome(outcome: Outcome) -> bytes:
+    """Serializes an outcome; a result that can't be pickled becomes that input's error."""
+    while True:
+        try:
+            return dumps((outcome.results, _errors_to_wire(outcome.errors), outcome.duration))
+        except Exception as exc:
+            bad = first_unpicklable(outcome.results)
+            if bad is None:
+                raise SerializationError(f"an outcome could not be pickled: {exc!r}", side="result") from exc
+            i, item_exc = bad
+            err = SerializationError(
+                f"the result of input #{i} of its chunk could not be pickled (result): {item_exc!r}",
+                index=i,
+                side="result",
+            )
+            outcome.results[i] = None
+            outcome.errors[i] = ErrorInfo.capture(err)
+
+
+def _errors_to_wire(errors: dict[int, ErrorInfo]) -> dict[int, tuple[bytes | None, str, str, str]] | None:
+    if not errors:
+        return None
+    return {i: (e.exc, e.type_name, e.message, e.tb) for i, e in errors.items()}
+
+
+def load_outcome(data: bytes | memoryview) -> Outcome:
+    results, errors, duration = loads(data)
+    wire = errors or {}
+    return Outcome(results, {i: ErrorInfo(*e) for i, e in wire.items()}, duration)
+
+
+# ------------------------------------------------------------------- modules
+
+
+def dump_module(obj: Any) -> bytes:
+    """Serializes a function or class with its code when it isn't importable remotely."""
+    buf = io.BytesIO()
+    cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
+    return buf.getvalue()

@@ -1,0 +1,1 @@
+"""The servlet: one process per env replica, holding module instances by name."""

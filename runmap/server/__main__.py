@@ -1,0 +1,3 @@
+from runmap.server.runner import main
+
+main()

@@ -1,0 +1,108 @@
+"""Runs one servlet process: ``python -m runmap.server``.
+
+The launcher writes one JSON line of configuration to the servlet's stdin, the
+token among it (never on a command line, where ``ps`` would show it), and keeps
+stdin open. The servlet binds its socket, answers with one JSON line on stdout
+(``{"port": ..., "pid": ...}``), then sends its stdout to its stderr (the log).
+
+A servlet must not outlive its client. Two signals tell it the client is gone:
+end-of-file on stdin (the client's end of the pipe closed, however the client
+died), and its parent process changing (a fork of the client kept the pipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+PARENT_POLL_SECONDS = 0.5
+EXIT_GRACE_SECONDS = 2.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def watch_parent(on_gone: Any, stdin_watch: bool = True) -> None:
+    """Calls ``on_gone`` once the client is gone (stdin EOF or a new parent)."""
+    parent = os.getppid()
+    fired = threading.Event()
+
+    def fire() -> None:
+        if not fired.is_set():
+            fired.set()
+            on_gone()
+
+    def read_stdin() -> None:
+        try:
+            while sys.stdin.buffer.read(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+        fire()
+
+    def poll_parent() -> None:
+        while not fired.is_set():
+            if os.getppid() != parent:
+                fire()
+                return
+            time.sleep(PARENT_POLL_SECONDS)
+
+    if stdin_watch:
+        threading.Thread(target=read_stdin, name="runmap-stdin-watch", daemon=True).start()
+    threading.Thread(target=poll_parent, name="runmap-parent-watch", daemon=True).start()
+
+
+def main() -> None:
+    config = json.loads(sys.stdin.buffer.readline())
+    for path in reversed(config.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    name = config["name"]
+    os.environ["RUNMAP_REPLICA"] = name
+
+    import uvicorn
+
+    from runmap.server.app import DEFAULT_MAX_BODY, build_app
+    from runmap.server.state import ServletState
+
+    sock = bind(config.get("host", "127.0.0.1"), int(config.get("port", 0)))
+    app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+    )
+
+    def shutdown() -> None:
+        server.should_exit = True
+        # If a user call is stuck, graceful shutdown never completes: leave anyway.
+        threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(0,)).start()
+
+    watch_parent(shutdown)
+    sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    # From here on, whatever user code prints goes to the servlet's log.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    server.run(sockets=[sock])
+    # Threads still running user code must not keep the process alive.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared fixtures. Every test fails if it leaves a child process or a thread behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import runmap as rm
+from runmap.cluster.inprocess import InProcessCluster
+
+# Threads that libraries start once per process and keep on purpose.
+_LONG_LIVED_THREADS = ("TMonitor", "ThreadPoolExecutor", "AnyIO worker thread")
+LEAK_GRACE_SECONDS = 10.0
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if not t.name.startswith(_LONG_LIVED_THREADS) and type(t).__name__ != "TMonitor"}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test if a child process or thread it started outlives it."""
+    if request.node.get_closest_marker("allow_leaks"):
+        yield
+        return
+    procs_before = _children()
+    threads_before = _threads()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_SECONDS
+    while True:
+        procs = _children() - procs_before
+        threads = _threads() - threads_before
+        if not procs and not threads:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    described = [f"pid {p}: {' '.join(psutil.Process(p).cmdline())}" for p in procs if psutil.pid_exists(p)]
+    for pid in procs:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    pytest.fail(f"left behind: processes {described}, threads {sorted(t.name for t in threads)}")
+
+
+@pytest.fixture
+def cluster() -> Iterator[rm.LocalCluster]:
+    """A fresh local cluster, closed after the test."""
+    with rm.LocalCluster(name="test") as c:
+        yield c
+
+
+@pytest.fixture
+def inprocess() -> Iterator[InProcessCluster]:
+    """A cluster whose servlets run in this process (dispatch unit tests)."""
+    with InProcessCluster() as c:
+        yield c
