@@ -1,0 +1,198 @@
+"""The Mapper end to end, on real servlet processes of a local cluster."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+import runmap as rm
+
+
+def power(n: int) -> int:
+    return n**n
+
+
+def pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def sleep_for(seconds: float) -> tuple[int, float]:
+    time.sleep(seconds)
+    return os.getpid(), seconds
+
+
+def add(a: int, b: int, c: int = 0) -> int:
+    return a + b + c
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise KeyError(f"no key {x}")
+    return x
+
+
+class Model:
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def predict(self, x: int) -> tuple[int, int]:
+        return os.getpid(), x * self.scale
+
+    def busy(self, x: int) -> tuple[int, int]:
+        """Returns (pid, calls in flight in this replica while this one ran)."""
+        with self._lock:
+            self._in_flight += 1
+            seen = self._in_flight
+        time.sleep(0.05)
+        with self._lock:
+            seen = max(seen, self._in_flight)
+            self._in_flight -= 1
+        return os.getpid(), seen
+
+
+def test_lambda_over_three_replicas() -> None:
+    with rm.mapper(lambda n: n**n, num_replicas=3) as mapper:
+        assert mapper.map([1, 2, 3, 4]) == [1, 4, 27, 256]
+        assert mapper.num_replicas == 3
+
+
+def test_module_method_in_order_from_three_processes(cluster: rm.LocalCluster) -> None:
+    model = rm.module(Model).to(cluster, env=rm.env(name="model"))(scale=3)
+    with rm.mapper(model.predict, num_replicas=3, concurrency=2) as mapper:
+        results = mapper.map(range(200), progress=False)
+        names = {r.name for r in mapper.replicas}
+    assert [value for _, value in results] == [3 * x for x in range(200)]
+    pids = {pid for pid, _ in results}
+    assert len(pids) == 3
+    assert os.getpid() not in pids
+    assert names == {"model", "model_replica_1", "model_replica_2"}
+
+
+def test_replica_names_are_never_reused(cluster: rm.LocalCluster) -> None:
+    fn = rm.function(power).to(cluster, env=rm.env(name="p"))
+    with rm.mapper(fn, num_replicas=2) as first:
+        first_names = {r.name for r in first.replicas}
+    with rm.mapper(fn, num_replicas=2) as second:
+        second_names = {r.name for r in second.replicas}
+    assert first_names == {"p", "p_replica_1"}
+    assert second_names == {"p", "p_replica_2"}
+
+
+def test_slow_input_does_not_hold_back_others() -> None:
+    inputs = [1.0] + [0.1] * 10
+    with rm.mapper(sleep_for, num_replicas=2) as mapper:
+        mapper.map([0.0, 0.0], progress=False)  # both replicas warm
+        start = time.perf_counter()
+        results = mapper.map(inputs, progress=False)
+        elapsed = time.perf_counter() - start
+    assert [s for _, s in results] == inputs
+    slow_pid = results[0][0]
+    assert all(pid != slow_pid for pid, _ in results[1:]), "the other replica should take all ten"
+    assert elapsed < 1.4, f"took {elapsed:.2f} s; round-robin would take 1.5 s"
+
+
+def test_two_calls_run_in_parallel() -> None:
+    with rm.mapper(sleep_for, num_replicas=2) as mapper:
+        mapper.map([0.0, 0.0], progress=False)
+        start = time.perf_counter()
+        results = mapper.map([1.0, 1.0], progress=False)
+        elapsed = time.perf_counter() - start
+    assert len({pid for pid, _ in results}) == 2
+    assert elapsed < 1.6
+
+
+def test_a_replica_never_has_more_than_concurrency_calls(cluster: rm.LocalCluster) -> None:
+    model = rm.module(Model).to(cluster, env=rm.env(name="busy"))(scale=1)
+    with rm.mapper(model.busy, num_replicas=2, concurrency=2) as mapper:
+        results = mapper.map(range(40), chunksize=1, progress=False)
+    by_pid: dict[int, int] = {}
+    for pid, seen in results:
+        by_pid[pid] = max(by_pid.get(pid, 0), seen)
+    assert len(by_pid) == 2
+    assert max(by_pid.values()) == 2, by_pid  # concurrency is used...
+    assert all(v <= 2 for v in by_pid.values())  # ...and never exceeded
+
+
+def test_starmap_zip_imap_unordered_call_submit() -> None:
+    with rm.mapper(add, num_replicas=2) as mapper:
+        assert mapper.starmap([(1, 2), (3, 4)], progress=False) == [3, 7]
+        assert mapper.map([1, 2, 3], [10, 20], progress=False) == [11, 22]  # zips, shortest wins
+        assert mapper.map([1, 2], [1, 1], kwargs={"c": 100}, progress=False) == [102, 103]
+        squares = mapper.imap((i for i in range(50)), (i for i in range(50)), progress=False)
+        assert list(squares) == [2 * i for i in range(50)]
+        unordered = list(mapper.imap_unordered(range(30), range(30), progress=False))
+        assert sorted(unordered) == [2 * i for i in range(30)]
+        assert mapper.call(2, 3, c=4) == 9
+        future = mapper.submit(5, 6)
+        assert isinstance(future, Future)
+        assert future.result(timeout=30) == 11
+
+
+def test_imap_is_lazy_over_an_endless_generator() -> None:
+    consumed = 0
+
+    def naturals():  # type: ignore[no-untyped-def]
+        nonlocal consumed
+        n = 0
+        while True:
+            consumed += 1
+            yield n
+            n += 1
+
+    with rm.mapper(power, num_replicas=2) as mapper:
+        stream = mapper.imap(naturals(), progress=False)
+        first = [next(stream) for _ in range(5)]
+        stream.close()  # type: ignore[attr-defined]
+    assert first == [power(n) for n in range(5)]
+    assert consumed < 1000
+
+
+def test_remote_exception_keeps_its_type_and_traceback() -> None:
+    with rm.mapper(fail_on_three, num_replicas=2) as mapper:
+        with pytest.raises(KeyError) as info:
+            mapper.map(range(6), progress=False)
+        assert "no key 3" in str(info.value)
+        cause = info.value.__cause__
+        assert isinstance(cause, rm.exceptions.RemoteTraceback)
+        assert "fail_on_three" in str(cause) and "raise KeyError" in str(cause)
+
+        results = mapper.map(range(6), return_exceptions=True, progress=False)
+        assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]
+        assert isinstance(results[3], KeyError)
+        with pytest.raises(KeyError):
+            mapper.call(3)
+
+
+def test_one_mapper_over_target_supplied_and_created_replicas(cluster: rm.LocalCluster) -> None:
+    with rm.LocalCluster(name="other") as other:
+        target = rm.function(pid_and_square).to(cluster, env=rm.env(name="home"))
+        foreign = rm.function(pid_and_square).to(other, env=rm.env(name="away"))
+        with rm.mapper(target, replicas=[foreign], num_replicas=3) as mapper:
+            names = sorted(r.name for r in mapper.replicas)
+            results = mapper.map(range(300), chunksize=1, progress=False)
+        assert names == ["away", "home", "home_replica_1"]
+        assert [sq for _, sq in results] == [x * x for x in range(300)]
+        assert len({pid for pid, _ in results}) == 3
+
+
+def test_runhouse_spelling_of_num_replicas() -> None:
+    with rm.mapper(power, replicas=2) as mapper:
+        assert mapper.num_replicas == 2
+
+
+def test_options_are_checked() -> None:
+    with rm.mapper(power, num_replicas=1) as mapper:
+        with pytest.raises(rm.ConfigError, match="kwargs="):
+            mapper.map([1], bogus=True)
+        with pytest.raises(rm.ConfigError, match="chunksize"):
+            mapper.map([1], chunksize=0)
+    with pytest.raises(rm.ConfigError):
+        rm.mapper(power, num_replicas=0)
+    with pytest.raises(rm.RunmapError, match="closed"):
+        mapper.map([1])

@@ -1,0 +1,100 @@
+"""The servlet process: loopback, the token, and never outliving its client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import psutil
+import pytest
+
+import runmap as rm
+
+
+def _servlet(cluster: rm.LocalCluster):  # type: ignore[no-untyped-def]
+    rm.function(len).to(cluster)
+    (servlet,) = cluster.servlets
+    return servlet
+
+
+def test_listens_on_loopback_only(cluster: rm.LocalCluster) -> None:
+    servlet = _servlet(cluster)
+    conns = [c for c in psutil.Process(servlet.pid).net_connections() if c.status == psutil.CONN_LISTEN]
+    assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns)
+
+
+def test_token_is_never_on_a_command_line(cluster: rm.LocalCluster) -> None:
+    servlet = _servlet(cluster)
+    cmdline = " ".join(psutil.Process(servlet.pid).cmdline())
+    assert cluster.token not in cmdline
+    assert "runmap.server" in cmdline
+
+
+def test_every_route_but_health_demands_the_token(cluster: rm.LocalCluster) -> None:
+    servlet = _servlet(cluster)
+    base = f"http://{servlet.host}:{servlet.port}"
+    with httpx.Client(base_url=base) as client:
+        assert client.get("/health").status_code == 200
+        for method, path in [("GET", "/info"), ("PUT", "/modules/x"), ("DELETE", "/modules/x"),
+                             ("POST", "/call/x/__call__"), ("GET", "/docs"), ("GET", "/openapi.json")]:
+            assert client.request(method, path).status_code == 401, path
+            wrong = {"Authorization": "Bearer " + "x" * len(cluster.token)}
+            assert client.request(method, path, headers=wrong).status_code == 401, path
+        good = {"Authorization": f"Bearer {cluster.token}"}
+        assert client.get("/info", headers=good).json()["pid"] == servlet.pid
+        assert client.get("/openapi.json", headers=good).status_code == 404  # no schema, even with the token
+        garbage = client.post("/call/x/__call__", content=b"\x80garbage", headers=good)
+        assert garbage.status_code == 404  # unknown module, before any unpickling
+    assert servlet.is_alive()
+
+
+def test_a_wrong_token_is_an_auth_error(cluster: rm.LocalCluster) -> None:
+    servlet = _servlet(cluster)
+    from runmap.transport.http import HTTPChannel
+
+    channel = HTTPChannel(servlet.host, servlet.port, "not-the-token", servlet.name)
+    with pytest.raises(rm.AuthError):
+        channel.info()
+    channel.close()
+
+
+def test_servlets_end_with_their_cluster(cluster: rm.LocalCluster) -> None:
+    servlet = _servlet(cluster)
+    proc = psutil.Process(servlet.pid)
+    cluster.close()
+    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit"])
+def test_servlets_end_when_the_client_dies(how: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import json, os, sys, time
+        import runmap as rm
+        cluster = rm.LocalCluster(name="orphan-test")
+        rm.function(len).to(cluster)
+        print(json.dumps([s.pid for s in cluster.servlets]), flush=True)
+        if {how == "exit"!r}:
+            os._exit(0)  # no atexit: only the servlet's own watch can notice
+        time.sleep(60)
+        """
+    )
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert client.stdout is not None
+    pids = json.loads(client.stdout.readline())
+    if how == "sigkill":
+        client.send_signal(signal.SIGKILL)
+    client.wait(30)
+    client.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        time.sleep(0.1)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        psutil.Process(p).kill()
+    assert not alive, "a servlet outlived its client"
