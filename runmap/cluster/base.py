@@ -3,7 +3,8 @@
 Clusters differ only in how a servlet is launched and reached
 (:meth:`Cluster._launch`); the bookkeeping here is shared. Every cluster
 registers itself so that whatever is still open when the interpreter exits is
-closed then: nothing runmap starts outlives its client.
+closed then: nothing runmap starts outlives its client. Each cluster records its
+servlets in the registry (:mod:`runmap.registry`) that the ``runmap`` command reads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from runmap import registry
 from runmap.envs.env import Env
 from runmap.exceptions import ClusterError
 from runmap.servlet import Servlet
@@ -87,6 +89,7 @@ class Cluster(ABC):
                 servlet.stop()
                 self._check_open()
             self._servlets[env.name] = servlet
+        registry.update(self)
         return servlet
 
     def replica_env(self, env: Env) -> Env:
@@ -115,6 +118,7 @@ class Cluster(ABC):
             if self._servlets.get(servlet.env.name) is servlet:
                 del self._servlets[servlet.env.name]
         servlet.stop()
+        registry.update(self)
 
     @property
     def servlets(self) -> list[Servlet]:
@@ -137,6 +141,7 @@ class Cluster(ABC):
         if servlets:
             with ThreadPoolExecutor(max_workers=min(16, len(servlets))) as pool:
                 list(pool.map(lambda s: s.stop(), servlets))
+        registry.remove(self)
 
     def _check_open(self) -> None:
         if self._closed:

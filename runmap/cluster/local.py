@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from runmap import logs
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
 from runmap.exceptions import ClusterError, ConfigError
@@ -64,6 +65,7 @@ class LocalServlet(HTTPServlet):
                 proc.stdin.close()
             except OSError:
                 pass
+        logs.unfollow(self)
 
 
 def cluster_host(cluster: Cluster) -> str:
@@ -78,6 +80,8 @@ class LocalCluster(Cluster):
         host: the address servlets listen on. Loopback unless told otherwise:
             servlets run pickles, so only this machine should reach them.
         max_body: the largest request body, in bytes, a servlet accepts.
+        stream_logs: print what servlets print on this client's stdout, each
+            line prefixed with the replica's name. Their log files are kept either way.
 
     Example:
         >>> import runmap as rm
@@ -89,10 +93,13 @@ class LocalCluster(Cluster):
 
     kind = "local"
 
-    def __init__(self, name: str = "local", host: str = LOOPBACK, max_body: int = 1 << 30) -> None:
+    def __init__(
+        self, name: str = "local", host: str = LOOPBACK, max_body: int = 1 << 30, stream_logs: bool = True
+    ) -> None:
         super().__init__(name)
         self.host = host
         self.max_body = max_body
+        self.stream_logs = stream_logs
 
     def python_for(self, env: Env) -> str:
         """The interpreter a servlet of ``env`` runs on."""
@@ -116,6 +123,7 @@ class LocalCluster(Cluster):
             "sys_path": [p for p in sys.path if p],
         }
         child_env = {**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"}
+        log_start = log.stat().st_size if log.exists() else 0  # stream this launch's lines only
         with open(log, "ab") as log_file:
             proc = subprocess.Popen(
                 [python, "-m", "runmap.server"],
@@ -147,7 +155,10 @@ class LocalCluster(Cluster):
             raise ClusterError(
                 f"servlet {env.name!r} did not start ({describe_returncode(code)}); its log {log} ends with:\n{tail}"
             )
-        return LocalServlet(env.name, env, self, int(ready["port"]), proc, log)
+        servlet = LocalServlet(env.name, env, self, int(ready["port"]), proc, log)
+        if self.stream_logs:
+            logs.follow(servlet, log, log_start)
+        return servlet
 
 
 def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, int] | None:

@@ -25,6 +25,9 @@ def mapper(target: Any, method: str | None = None, **kwargs: Any) -> Mapper:
         retries: how often an input may be re-run after replicas die under it.
         replace_dead: start a replacement for a replica that dies.
         cluster, env: where a plain callable is placed.
+        stream_logs: show what the replicas print on this client's stdout,
+            each line prefixed with the replica's name (default True). False
+            silences the target's env and its replicas; their log files are kept.
 
     Example:
         >>> import runmap as rm

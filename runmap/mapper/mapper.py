@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable
 
+from runmap import logs
 from runmap import serialization as ser
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
@@ -89,6 +90,7 @@ class Mapper:
         replace_dead: bool = True,
         cluster: Cluster | None = None,
         env: Env | None = None,
+        stream_logs: bool = True,
     ) -> None:
         if isinstance(replicas, int) and not isinstance(replicas, bool):
             if num_replicas is not None and num_replicas != replicas:
@@ -112,6 +114,8 @@ class Mapper:
 
         remote, self.method, owned, plain = _resolve_target(target, method, cluster, env)
         self._prototype = remote
+        if not stream_logs:
+            logs.silence(remote, *supplied)
         if num_replicas is None:
             num_replicas = (os.cpu_count() or 1) if plain else 1 + len(supplied)
         self._pool = ReplicaPool(self.method, concurrency, retries, self._on_lost)

@@ -1,0 +1,217 @@
+"""The cluster registry: what runmap runs on this machine, for the ``runmap`` command.
+
+Every open cluster keeps one small JSON file under ``runtime_dir()/clusters``:
+its name, kind, the client's pid, and for each servlet its name, env, pid, host,
+port, start time and log path. Never the token: the registry says where
+servlets are, not how to call them.
+
+Only the client writes its own file (atomically, by rename), on every servlet
+start and stop, and removes it on close. Readers (``runmap status``) skip the
+servlets whose processes are gone and delete the files whose client and
+servlets are all gone, so a client killed with SIGKILL leaves nothing for long.
+
+    {"name": "local", "kind": "local", "pid": 4242, "started": 1718000000.0,
+     "servlets": [{"name": "power", "env": "power", "pid": 4250, "host": "127.0.0.1",
+                   "port": 41234, "started": 1718000001.2, "log": "/run/.../power.log"}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runmap.paths import runtime_dir
+
+if TYPE_CHECKING:
+    from runmap.cluster.base import Cluster
+
+SERVLET_COMMAND = "runmap.server"  # in the command line of every local servlet
+
+
+
+@dataclass
+class _Record:
+    """What this client remembers of one cluster's entry."""
+
+    path: Path
+    started: float
+    servlets_started: dict[str, float] = field(default_factory=dict)
+
+
+_lock = threading.Lock()
+_records: weakref.WeakKeyDictionary[Cluster, _Record] = weakref.WeakKeyDictionary()
+
+
+def registry_dir() -> Path:
+    path = runtime_dir() / "clusters"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- writing (the client)
+
+
+def update(cluster: Cluster) -> None:
+    """Writes ``cluster``'s entry as it stands now (or removes it, once closed)."""
+    with _lock:
+        if cluster.closed:  # checked under the lock, so a late update never revives a closed entry
+            _forget(cluster)
+            return
+        now = time.time()
+        record = _records.get(cluster)
+        if record is None:
+            path = registry_dir() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+            record = _records[cluster] = _Record(path, now)
+        started = record.servlets_started
+        servlets = []
+        for s in cluster.servlets:
+            servlets.append(
+                {
+                    "name": s.name,
+                    "env": s.env.origin,
+                    "pid": s.pid,
+                    "host": getattr(s, "host", None),
+                    "port": getattr(s, "port", None),
+                    "started": started.setdefault(s.name, now),
+                    "log": str(getattr(s, "log_path", "") or "") or None,
+                }
+            )
+        for gone in set(started) - {s["name"] for s in servlets}:
+            del started[gone]
+        entry = {
+            "name": cluster.name,
+            "kind": cluster.kind,
+            "pid": os.getpid(),
+            "started": record.started,
+            "servlets": servlets,
+        }
+        try:
+            _write(record.path, entry)
+        except OSError:
+            pass  # the registry serves the `runmap` command; it must never fail a cluster
+
+
+def remove(cluster: Cluster) -> None:
+    """Removes ``cluster``'s entry: it is closed."""
+    with _lock:
+        _forget(cluster)
+
+
+def _forget(cluster: Cluster) -> None:
+    record = _records.pop(cluster, None)
+    if record is not None:
+        record.path.unlink(missing_ok=True)
+
+
+def _write(path: Path, entry: dict[str, Any]) -> None:
+    tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(entry, f)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------- reading (the CLI)
+
+
+@dataclass
+class ServletEntry:
+    name: str
+    env: str
+    pid: int | None
+    host: str | None
+    port: int | None
+    started: float
+    log: str | None
+    cluster: ClusterEntry | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and pid_alive(self.pid)
+
+    def is_servlet_process(self) -> bool:
+        """Whether the recorded pid is still a runmap servlet (and not a recycled pid)."""
+        return self.pid is not None and SERVLET_COMMAND in command_line(self.pid)
+
+
+@dataclass
+class ClusterEntry:
+    name: str
+    kind: str
+    pid: int
+    started: float
+    servlets: list[ServletEntry]
+    path: Path
+
+    @property
+    def client_alive(self) -> bool:
+        return pid_alive(self.pid)
+
+
+def load(clean: bool = True) -> list[ClusterEntry]:
+    """The clusters on record, oldest first, with only their live servlets.
+
+    With ``clean``, files whose client and servlets are all gone are deleted.
+    """
+    entries = []
+    for path in sorted(registry_dir().glob("*.json")):
+        try:
+            raw = json.loads(path.read_text())
+            entry = ClusterEntry(
+                name=str(raw["name"]),
+                kind=str(raw["kind"]),
+                pid=int(raw["pid"]),
+                started=float(raw["started"]),
+                servlets=[],
+                path=path,
+            )
+            for s in raw["servlets"]:
+                servlet = ServletEntry(**{k: s.get(k) for k in ServletEntry.__dataclass_fields__ if k != "cluster"})
+                servlet.cluster = entry
+                if servlet.alive:
+                    entry.servlets.append(servlet)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced right now, or not ours: skip it
+        if not entry.client_alive and not entry.servlets:
+            if clean:
+                path.unlink(missing_ok=True)
+            continue
+        entries.append(entry)
+    return sorted(entries, key=lambda e: e.started)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def command_line(pid: int) -> str:
+    """The command line of ``pid``, or ``""`` if it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        pass
+    import subprocess
+
+    try:
+        out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()

@@ -1,0 +1,158 @@
+"""The ``runmap`` command against a real local cluster running in another process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runmap import registry
+from runmap.cli import uptime
+
+CLIENT = textwrap.dedent(
+    """
+    import sys
+    import runmap as rm
+
+    def hello(x):
+        print(f"hello from the replica, x={x}")
+        return x
+
+    with rm.LocalCluster(name="clitest", stream_logs=False) as c:
+        greeter = rm.function(hello).to(c, env=rm.env(name="greeter"))
+        greeter(1)
+        rm.function(hello).to(c, env=rm.env(name="other"))
+        print("ready", flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+    """
+)
+
+
+def runmap_cmd(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUNMAP_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "runmap.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A client process holding a local cluster ``clitest`` with two servlets."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "RUNMAP_HOME": str(tmp_path)},
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def servlet_pids(client: subprocess.Popen[str]) -> list[int]:
+    pids = []
+    for child in psutil.Process(client.pid).children():
+        try:
+            if "runmap.server" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:  # ended (a zombie until the client reaps it)
+            pass
+    return pids
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_status_lists_the_running_cluster(tmp_path: Path, client: subprocess.Popen[str]) -> None:
+    out = runmap_cmd(tmp_path, "status")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["CLUSTER", "KIND", "CLIENT", "REPLICA", "ENV", "PID", "ADDRESS", "UPTIME"]
+    rows = {line.split()[3]: line.split() for line in lines[1:]}
+    assert set(rows) == {"greeter", "other"}
+    pids = set(servlet_pids(client))
+    for row in rows.values():
+        assert row[:3] == ["clitest", "local", str(client.pid)]
+        assert int(row[5]) in pids
+        assert row[6].startswith("127.0.0.1:")
+
+    as_json = json.loads(runmap_cmd(tmp_path, "status", "--json").stdout)
+    assert [c["name"] for c in as_json] == ["clitest"]
+    assert "token" not in json.dumps(as_json)
+
+
+def test_the_registry_never_holds_the_token(tmp_path: Path, client: subprocess.Popen[str]) -> None:
+    files = list((tmp_path / "clusters").glob("*.json"))
+    assert len(files) == 1
+    text = files[0].read_text()
+    assert "token" not in text
+    assert (files[0].stat().st_mode & 0o077) == 0
+
+
+def test_down_all_ends_the_servlets_and_removes_the_entry(tmp_path: Path, client: subprocess.Popen[str]) -> None:
+    pids = servlet_pids(client)
+    assert len(pids) == 2
+    out = runmap_cmd(tmp_path, "down", "--all")
+    assert out.returncode == 0, out.stderr
+    assert "clitest: ended 2 servlet(s)" in out.stdout
+    assert all(gone(pid) for pid in pids)
+    assert client.poll() is None  # the client itself is left alone
+    assert runmap_cmd(tmp_path, "status").stdout.strip() == "no runmap clusters are running"
+
+
+def test_down_by_name_leaves_other_names_alone(tmp_path: Path, client: subprocess.Popen[str]) -> None:
+    out = runmap_cmd(tmp_path, "down", "elsewhere")
+    assert out.returncode == 1
+    assert "no cluster named 'elsewhere'" in out.stderr
+    pids = servlet_pids(client)
+    assert len(pids) == 2
+    assert runmap_cmd(tmp_path, "down", "clitest").returncode == 0
+    assert all(gone(pid) for pid in pids)
+
+
+def test_logs_shows_what_a_replica_printed(tmp_path: Path, client: subprocess.Popen[str]) -> None:
+    out = runmap_cmd(tmp_path, "logs", "greeter")
+    assert out.returncode == 0, out.stderr
+    assert "hello from the replica, x=1" in out.stdout
+    assert "hello" not in runmap_cmd(tmp_path, "logs", "other").stdout
+    missing = runmap_cmd(tmp_path, "logs", "nobody")
+    assert missing.returncode == 1 and "no log for replica 'nobody'" in missing.stderr
+
+
+def test_the_registry_forgets_clusters_whose_processes_are_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNMAP_HOME", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    entry = {"name": "ghost", "kind": "local", "pid": pid, "started": 0.0, "servlets": [
+        {"name": "g", "env": "g", "pid": pid, "host": "127.0.0.1", "port": 1, "started": 0.0, "log": None}
+    ]}
+    path = registry.registry_dir() / "ghost.json"
+    path.write_text(json.dumps(entry))
+    assert registry.load() == []
+    assert not path.exists()
+
+
+def test_uptime_reads_like_a_duration() -> None:
+    assert [uptime(s) for s in (5, 75, 7300, 90000)] == ["5s", "1m15s", "2h01m", "1d01h"]
