@@ -17,8 +17,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from runmap import registry
 from runmap.paths import runtime_dir
@@ -84,7 +84,7 @@ def cmd_status(as_json: bool = False) -> int:
             rows.append((e.name, e.kind, client, s.name, s.env, pid, address, uptime(now - s.started)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -141,13 +141,14 @@ def test_logs_shows_what_a_replica_printed(tmp_path: Path, client: subprocess.Po
     assert missing.returncode == 1 and "no log for replica 'nobody'" in missing.stderr
 
 
-def test_the_registry_forgets_clusters_whose_processes_are_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_registry_forgets_clusters_whose_processes_are_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RUNMAP_HOME", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    entry = {"name": "ghost", "kind": "local", "pid": pid, "started": 0.0, "servlets": [
-        {"name": "g", "env": "g", "pid": pid, "host": "127.0.0.1", "port": 1, "started": 0.0, "log": None}
-    ]}
+    servlet = {"name": "g", "env": "g", "pid": pid, "host": "127.0.0.1", "port": 1, "started": 0.0, "log": None}
+    entry = {"name": "ghost", "kind": "local", "pid": pid, "started": 0.0, "servlets": [servlet]}
     path = registry.registry_dir() / "ghost.json"
     path.write_text(json.dumps(entry))
     assert registry.load() == []
