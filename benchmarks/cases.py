@@ -1,0 +1,496 @@
+"""One benchmark case for one implementation, in a fresh process.
+
+    python benchmarks/cases.py <case> <impl> [--quick]
+
+prints one JSON line: ``{"value": ..., ...}``. ``benchmarks/run.py`` runs every
+(case, impl) pair this way, in interleaved rounds, and writes the report.
+
+The workloads are defined here, at the top level of ``__main__``: the peers
+get them by fork (multiprocessing) or by value (Ray, runmap), the same way a
+user's script would hand them over. Every case checks its results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+# ------------------------------------------------------------------ workloads
+
+SPIN_LOOPS = 110_000  # about 20 ms of pure-Python CPU on this kind of machine
+BLOB_MB = 10
+
+
+def ident(x: Any) -> Any:
+    return x
+
+
+def spin(seed: int) -> int:
+    total = seed
+    for i in range(SPIN_LOOPS):
+        total = (total * 31 + i) & 0xFFFFFFFF
+    return total
+
+
+class Echo:
+    def echo(self, x: Any) -> Any:
+        return x
+
+
+def sizes(quick: bool) -> dict[str, int]:
+    if quick:
+        return {"a": 20_000, "b": 12, "c": 200, "d": 1_000, "d_ray": 300, "f": 100_000, "g": 10, "g_mb": 2}
+    return {"a": 200_000, "b": 60, "c": 2_000, "d": 10_000, "d_ray": 2_000, "f": 1_000_000, "g": 100, "g_mb": BLOB_MB}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def check(got: Any, want: Any, what: str) -> None:
+    if got != want:
+        raise SystemExit(f"wrong results for {what}")
+
+
+# ----------------------------------------------------------------- peers
+
+
+class Ray:
+    """Ray started locally, as a user on this machine would, and shut down after."""
+
+    def __enter__(self) -> Any:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        self.ray = ray
+        return ray
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ray.shutdown()
+
+
+def ray_actors(ray: Any, n: int) -> list[Any]:
+    actor = ray.remote(Echo)
+    actors = [actor.remote() for _ in range(n)]
+    ray.get([a.echo.remote(0) for a in actors])  # ready
+    return actors
+
+
+def mp_pool(n: int) -> Any:
+    import multiprocessing
+
+    return multiprocessing.Pool(n)
+
+
+def ppe(n: int) -> Any:
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(n)
+
+
+def runmap_mapper(fn: Callable[..., Any], **kw: Any) -> Any:
+    import runmap as rm
+
+    return rm.mapper(fn, num_replicas=2, **kw)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+# ------------------------------------------------------------------ (a)
+
+
+def case_a(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Trivial items on 2 workers: items/s (start-up excluded)."""
+    xs = list(range(n["a"]))
+    if impl == "runmap":
+        with runmap_mapper(ident) as m:
+            m.map(range(100), progress=False)  # replicas warm, as for every peer
+            dt, out = timed(lambda: m.map(xs, progress=False))
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            p.map(ident, range(100))
+            dt, out = timed(lambda: p.map(ident, xs))
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            list(ex.map(ident, range(100)))
+            dt, out = timed(lambda: list(ex.map(ident, xs, chunksize=256)))
+    elif impl == "ray_pool":
+        with Ray():
+            from ray.util.multiprocessing import Pool
+
+            p = Pool(2)
+            p.map(ident, range(100))
+            dt, out = timed(lambda: p.map(ident, xs))
+            p.terminate()
+    else:
+        raise SystemExit(f"no impl {impl}")
+    check(out, xs, "a")
+    return {"value": len(xs) / dt, "seconds": dt}
+
+
+# ------------------------------------------------------------------ (b)
+
+
+def case_b(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """~20 ms CPU inputs on 2 workers: seconds (the report turns them into speedups)."""
+    xs = list(range(n["b"]))
+    want = [spin(x) for x in xs[:2]]
+    if impl == "sequential":
+        dt, out = timed(lambda: [spin(x) for x in xs])
+    elif impl == "runmap":
+        with runmap_mapper(spin) as m:
+            m.map([0, 1], progress=False)
+            dt, out = timed(lambda: m.map(xs, progress=False))
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            p.map(ident, [0, 1])
+            dt, out = timed(lambda: p.map(spin, xs))
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            list(ex.map(ident, [0, 1]))
+            dt, out = timed(lambda: list(ex.map(spin, xs)))
+    elif impl == "ray_actorpool":
+        with Ray() as ray:
+            from ray.util import ActorPool
+
+            class Spinner:
+                def spin(self, x: int) -> int:
+                    return spin(x)
+
+                def echo(self, x: Any) -> Any:
+                    return x
+
+            actors = [ray.remote(Spinner).remote() for _ in range(2)]
+            ray.get([a.echo.remote(0) for a in actors])
+            pool = ActorPool(actors)
+            dt, out = timed(lambda: list(pool.map(lambda a, x: a.spin.remote(x), xs)))
+    elif impl == "ray_pool":
+        with Ray():
+            from ray.util.multiprocessing import Pool
+
+            p = Pool(2)
+            p.map(ident, [0, 1])
+            dt, out = timed(lambda: p.map(spin, xs))
+            p.terminate()
+    else:
+        raise SystemExit(f"no impl {impl}")
+    check(out[:2], want, "b")
+    check(len(out), len(xs), "b")
+    return {"value": dt, "seconds": dt, "per_input_ms": dt / len(xs) * 1e3}
+
+
+# ------------------------------------------------------------------ (c)
+
+
+def latencies(call: Callable[[int], Any], count: int) -> dict[str, Any]:
+    for i in range(50):  # warm-up
+        call(i)
+    lat = []
+    clock = time.perf_counter
+    for i in range(count):
+        t = clock()
+        out = call(i)
+        lat.append(clock() - t)
+        if out != i:
+            raise SystemExit("wrong result for c")
+    return {"value": percentile(lat, 0.5) * 1e6, "p99": percentile(lat, 0.99) * 1e6}
+
+
+def case_c(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Sequential calls of a method returning its argument: p50/p99 in µs."""
+    count = n["c"]
+    if impl in ("runmap", "runmap_mapper_call"):
+        import runmap as rm
+
+        with rm.LocalCluster(name="bench") as cluster:
+            echo = rm.module(Echo).to(cluster)()
+            if impl == "runmap":
+                return latencies(echo.echo, count)
+            with rm.mapper(echo.echo) as m:
+                return latencies(m.call, count)
+    if impl == "pool":
+        with mp_pool(1) as p:
+            return latencies(lambda i: p.apply(ident, (i,)), count)
+    if impl == "ppe":
+        with ppe(1) as ex:
+            return latencies(lambda i: ex.submit(ident, i).result(), count)
+    if impl == "ray_actor":
+        with Ray() as ray:
+            (a,) = ray_actors(ray, 1)
+            return latencies(lambda i: ray.get(a.echo.remote(i)), count)
+    raise SystemExit(f"no impl {impl}")
+
+
+# ------------------------------------------------------------------ (d)
+
+
+def case_d(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """One call per input (chunksize 1), 2 workers, several calls in flight: calls/s."""
+    xs = list(range(n["d_ray"] if impl.startswith("ray") else n["d"]))
+    if impl == "runmap":
+        import runmap as rm
+
+        with rm.LocalCluster(name="bench") as cluster:
+            echo = rm.module(Echo).to(cluster)()
+            with rm.mapper(echo.echo, num_replicas=2, concurrency=4) as m:
+                m.map(range(100), chunksize=1, progress=False)
+                dt, out = timed(lambda: list(m.imap(xs, chunksize=1, progress=False)))
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            p.map(ident, range(100))
+            dt, out = timed(lambda: list(p.imap(ident, xs, chunksize=1)))
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            list(ex.map(ident, range(100)))
+            dt, out = timed(lambda: list(ex.map(ident, xs)))
+    elif impl == "ray_actorpool":
+        with Ray() as ray:
+            from ray.util import ActorPool
+
+            pool = ActorPool(ray_actors(ray, 2))
+            dt, out = timed(lambda: list(pool.map(lambda a, x: a.echo.remote(x), xs)))
+    elif impl == "ray_pool":
+        with Ray():
+            from ray.util.multiprocessing import Pool
+
+            p = Pool(2)
+            p.map(ident, range(10))
+            dt, out = timed(lambda: list(p.imap(ident, xs, chunksize=1)))
+            p.terminate()
+    else:
+        raise SystemExit(f"no impl {impl}")
+    check(out, xs, "d")
+    return {"value": len(xs) / dt, "seconds": dt}
+
+
+# ------------------------------------------------------------------ (e)
+
+
+def case_e(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """From a fresh interpreter to the first result of a 2-worker map.
+
+    The parent passes the wall-clock time it started this process at in
+    ``BENCH_T0``; the figure includes interpreter start and every import.
+    """
+    t0 = float(os.environ["BENCH_T0"])
+    xs = list(range(10))
+    if impl == "runmap":
+        import runmap as rm
+
+        with rm.mapper(ident, num_replicas=2) as m:
+            first = next(iter(m.imap(xs, progress=False)))
+            t = time.time()
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            first = next(p.imap(ident, xs))
+            t = time.time()
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            first = next(ex.map(ident, xs))
+            t = time.time()
+    elif impl == "ray_actorpool":
+        with Ray() as ray:
+            from ray.util import ActorPool
+
+            actor = ray.remote(Echo)
+            pool = ActorPool([actor.remote() for _ in range(2)])
+            first = next(pool.map(lambda a, x: a.echo.remote(x), xs))
+            t = time.time()
+    else:
+        raise SystemExit(f"no impl {impl}")
+    check(first, 0, "e")
+    return {"value": t - t0}
+
+
+# ------------------------------------------------------------------ (f)
+
+
+def gen(count: int) -> Iterator[int]:
+    yield from range(count)
+
+
+def case_f(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Items from a generator: growth of the client's peak RSS (MB) over an empty map."""
+    count = n["f"]
+    want = count * (count - 1) // 2
+
+    def consume(results: Any) -> int:
+        return sum(results)
+
+    if impl == "runmap":
+        with runmap_mapper(ident) as m:
+            consume(m.imap(gen(0), progress=False))
+            consume(m.imap(gen(1000), progress=False))
+            base = peak_rss_mb()
+            dt, total = timed(lambda: consume(m.imap(gen(count), progress=False)))
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            consume(p.imap(ident, gen(1000), chunksize=100))
+            base = peak_rss_mb()
+            dt, total = timed(lambda: consume(p.imap(ident, gen(count), chunksize=1000)))
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            consume(ex.map(ident, gen(1000), chunksize=100))
+            base = peak_rss_mb()
+            dt, total = timed(lambda: consume(ex.map(ident, gen(count), chunksize=1000)))
+    else:
+        raise SystemExit(f"no impl {impl}")
+    check(total, want, "f")
+    return {"value": peak_rss_mb() - base, "base_mb": base, "seconds": dt}
+
+
+# ------------------------------------------------------------------ (g)
+
+
+def blobs(mb: int) -> list[bytes]:
+    return [bytes([k]) * (mb << 20) for k in range(4)]
+
+
+def echo_server(port_out: Any) -> None:
+    """A raw-socket echo server: 8-byte length, then the bytes, sent back."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port_out.put(srv.getsockname()[1])
+    conns = []
+
+    def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            head = recv_exact(conn, 8)
+            if head is None:
+                return
+            size = int.from_bytes(head, "big")
+            buf = recv_exact(conn, size)
+            assert buf is not None
+            conn.sendall(head)
+            conn.sendall(buf)
+
+    while True:
+        conn, _ = srv.accept()
+        conns.append(conn)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def recv_exact(conn: socket.socket, size: int) -> bytearray | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        k = conn.recv_into(view[got:])
+        if not k:
+            return None
+        got += k
+    return buf
+
+
+def raw_copy(items: list[bytes]) -> list[bytes]:
+    """Two connections to two echo processes, one thread each, like 2 replicas."""
+    import multiprocessing
+
+    ports: Any = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=echo_server, args=(ports,), daemon=True) for _ in range(2)]
+    for p in procs:
+        p.start()
+    conns = []
+    for _ in procs:
+        c = socket.create_connection(("127.0.0.1", ports.get()))
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns.append(c)
+    out: list[Any] = [None] * len(items)
+
+    def run(k: int) -> None:
+        for i in range(k, len(items), 2):
+            conns[k].sendall(len(items[i]).to_bytes(8, "big"))
+            conns[k].sendall(items[i])
+            head = recv_exact(conns[k], 8)
+            assert head is not None
+            out[i] = bytes(recv_exact(conns[k], int.from_bytes(head, "big")))  # type: ignore[arg-type]
+
+    try:
+        t = time.perf_counter()
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t
+    finally:
+        for c in conns:
+            c.close()
+        for p in procs:
+            p.kill()
+            p.join()
+    raw_copy.seconds = dt  # type: ignore[attr-defined]
+    return out
+
+
+def case_g(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Large bytes inputs, echoed back: MB/s of input (each MB travels both ways)."""
+    source = blobs(n["g_mb"])
+    items = [source[i % 4] for i in range(n["g"])]
+    ok = True
+
+    def consume(results: Any) -> None:
+        nonlocal ok
+        for i, r in enumerate(results):
+            ok = ok and r == source[i % 4]
+
+    if impl == "raw_socket":
+        out = raw_copy(items)
+        consume(out)
+        dt = raw_copy.seconds  # type: ignore[attr-defined]
+    elif impl == "runmap":
+        with runmap_mapper(ident) as m:
+            m.map([b"x"] * 4, progress=False)
+            dt, _ = timed(lambda: consume(m.imap(items, progress=False)))
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            p.map(ident, range(4))
+            dt, _ = timed(lambda: consume(p.imap(ident, items, chunksize=1)))
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            list(ex.map(ident, range(4)))
+            dt, _ = timed(lambda: consume(ex.map(ident, items)))
+    elif impl == "ray_actorpool":
+        with Ray() as ray:
+            from ray.util import ActorPool
+
+            pool = ActorPool(ray_actors(ray, 2))
+            dt, _ = timed(lambda: consume(pool.map(lambda a, x: a.echo.remote(x), items)))
+    else:
+        raise SystemExit(f"no impl {impl}")
+    if not ok:
+        raise SystemExit("wrong results for g")
+    mb = len(items) * n["g_mb"]
+    return {"value": mb / dt, "seconds": dt}
+
+
+CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "f": case_f, "g": case_g}
+
+
+def main() -> None:
+    case, impl = sys.argv[1], sys.argv[2]
+    quick = "--quick" in sys.argv[3:]
+    result = CASES[case](impl, sizes(quick))
+    sys.stdout.write("BENCH " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
