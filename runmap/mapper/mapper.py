@@ -36,7 +36,8 @@ from runmap.exceptions import ConfigError, RunmapError, SerializationError
 from runmap.mapper.batching import chunker
 from runmap.mapper.pool import Replica, ReplicaPool
 from runmap.mapper.progress import Progress
-from runmap.mapper.tasks import FutureSink, Sink, Task
+from runmap.mapper.checkpoint import MISSING, Checkpoint
+from runmap.mapper.tasks import SPLIT, FutureSink, Sink, Task
 from runmap.module import Function, Module, Remote, RemoteClass, RemoteFunction, RemoteInstance, RemoteMethod
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
@@ -59,6 +60,7 @@ class MapOptions:
     return_exceptions: bool = False
     kwargs: dict[str, Any] | None = None
     timeout: float | None = None
+    checkpoint: str | os.PathLike[str] | None = None
 
 
 _OPTION_NAMES = frozenset(MapOptions.__dataclass_fields__)
@@ -87,6 +89,7 @@ class Mapper:
         concurrency: int = 1,
         timeout: float | None = None,
         retries: int = 3,
+        retry_exceptions: bool | type[BaseException] | tuple[type[BaseException], ...] = False,
         replace_dead: bool = True,
         cluster: Cluster | None = None,
         env: Env | None = None,
@@ -107,6 +110,8 @@ class Mapper:
             raise ConfigError(f"retries must be an int >= 0, not {retries!r}")
         self.concurrency = concurrency
         self.timeout = timeout
+        self.retries = retries
+        self.retry_exceptions = _retryable(retry_exceptions)
         self.replace_dead = replace_dead
         self._closed = False
         self._lock = threading.Lock()
@@ -214,6 +219,8 @@ class Mapper:
                 instead of raising it.
             kwargs: keyword arguments passed to every call.
             timeout: seconds any one request may take.
+            checkpoint: a file path: save each result as it arrives, and on a
+                later run of the same map skip the inputs already saved.
         """
         return list(self.imap(*iterables, **options))
 
@@ -241,8 +248,7 @@ class Mapper:
         self._check_open()
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
-        payload = ser.dump_call(ser.STAR, [args], kwargs)
-        self._pool.submit(Task(0, 1, payload, FutureSink(future), self.timeout))
+        self._pool.submit(Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout))
         return future
 
     def _run(self, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool) -> Iterator[Any]:
@@ -311,6 +317,9 @@ class _MapRun:
         self.inflight = 0
         self.exhausted = False
         self.ready: dict[int, list[Any]] = {}  # chunk start -> its results (or _Failure)
+        self.retried: dict[int, int] = {}  # input index -> re-runs after its user code raised
+        self.checkpoint = Checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
+        self.hashes: dict[int, str] = {}  # input index -> input hash, while in flight
 
     def results(self) -> Iterator[Any]:
         bar = Progress(self.opts.progress, self.total, _describe(self.mapper))
@@ -339,6 +348,8 @@ class _MapRun:
             self.sink.cancelled = True
             self.pool.tasks.discard(self.sink)
             bar.close()
+            if self.checkpoint is not None:
+                self.checkpoint.close()
 
     def _fill(self) -> None:
         while not self.exhausted and self.inflight < self.window:
@@ -349,11 +360,33 @@ class _MapRun:
                 return
             start = self.read
             self.read += len(batch)
-            self._send(batch, start)
+            if self.checkpoint is None:
+                self._send(batch, start)
+            else:
+                self._send_unsaved(batch, start)
+
+    def _send_unsaved(self, batch: list[Any], start: int) -> None:
+        """Takes saved results from the checkpoint and sends only the runs of inputs without one."""
+        assert self.checkpoint is not None
+        run: list[Any] = []
+        for i, item in enumerate(batch):
+            index = start + i
+            digest = Checkpoint.hash_input(item)
+            saved = self.checkpoint.lookup(index, digest)
+            if saved is MISSING:
+                self.hashes[index] = digest
+                run.append(item)
+                continue
+            if run:
+                self._send(run, index - len(run))
+                run = []
+            self.ready[index] = [saved]
+        if run:
+            self._send(run, start + len(batch) - len(run))
 
     def _send(self, batch: list[Any], start: int) -> None:
         try:
-            payload = ser.dump_call(self.mode, batch, self.opts.kwargs, base_index=start)
+            task = Task(start, self.mode, batch, self.opts.kwargs, self.sink, self.timeout)
         except SerializationError as exc:
             if exc.index is None:
                 raise
@@ -366,20 +399,52 @@ class _MapRun:
                 self._send(batch[k + 1 :], exc.index + 1)
             return
         self.inflight += 1
-        self.pool.submit(Task(start, len(batch), payload, self.sink, self.timeout))
+        self.pool.submit(task)
 
     def _receive(self, task: Task, outcome: Any, replica: str | None, seconds: float) -> int:
+        """Files one event's results under their chunk; returns how many inputs completed."""
+        if outcome is SPLIT:
+            self.inflight += int(seconds) - 1  # the split's part count travels in the seconds field
+            return 0
         self.inflight -= 1
-        if isinstance(outcome, ser.Outcome):
-            self.chunks.record(task.count, seconds, len(task.payload))
-            results: list[Any] = outcome.results
-            for i, err in outcome.errors.items():
-                results[i] = _Failure(_localize(err.to_exception(), task.start + i, replica))
-        else:
-            failure = _Failure(outcome)
-            results = [failure] * task.count
-        self.ready[task.start] = results
-        return task.count
+        if not isinstance(outcome, ser.Outcome):
+            self._forget(task.indexes)
+            self.ready[task.start] = [_Failure(outcome)] * task.count
+            return task.count
+        self.chunks.record(task.count, seconds, len(task.payload))
+        results: list[Any] = outcome.results
+        retry = []
+        for i, err in outcome.errors.items():
+            exc = _localize(err.to_exception(), task.start + i, replica)
+            if self._should_retry(task.start + i, exc):
+                retry.append(i)
+            results[i] = _Failure(exc)
+        if self.checkpoint is not None:
+            self.checkpoint.save(
+                [(task.start + i, self.hashes[task.start + i], r) for i, r in enumerate(results) if i not in outcome.errors]
+            )
+            self._forget(i for i in task.indexes if i - task.start not in retry)
+        if not retry:
+            self.ready[task.start] = results
+            return task.count
+        # Re-run the inputs whose user code raised a retryable error; file the rest in pieces.
+        for i, part in zip(range(task.count), task.split()):
+            if i in retry:
+                self.retried[part.start] = self.retried.get(part.start, 0) + 1
+                self.inflight += 1
+                self.pool.submit(part)
+            else:
+                self.ready[part.start] = [results[i]]
+        return task.count - len(retry)
+
+    def _should_retry(self, index: int, exc: BaseException) -> bool:
+        kinds = self.mapper.retry_exceptions
+        return bool(kinds) and isinstance(exc, kinds) and self.retried.get(index, 0) < self.mapper.retries
+
+    def _forget(self, indexes: Iterable[int]) -> None:
+        if self.checkpoint is not None:
+            for i in indexes:
+                self.hashes.pop(i, None)
 
     def _unwrap(self, chunk: list[Any]) -> Iterator[Any]:
         for value in chunk:
@@ -390,6 +455,21 @@ class _MapRun:
                     raise value.exc
             else:
                 yield value
+
+
+def _retryable(
+    spec: bool | type[BaseException] | tuple[type[BaseException], ...],
+) -> tuple[type[BaseException], ...]:
+    """``retry_exceptions`` as a tuple for ``isinstance``: empty for False, Exception for True."""
+    if spec is True:
+        return (Exception,)
+    if spec is False or spec is None:
+        return ()
+    kinds = spec if isinstance(spec, tuple) else (spec,)
+    for kind in kinds:
+        if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+            raise ConfigError(f"retry_exceptions takes True, False or exception types, not {kind!r}")
+    return kinds
 
 
 def _localize(exc: BaseException, index: int, replica: str | None) -> BaseException:

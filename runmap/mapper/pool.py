@@ -193,7 +193,12 @@ class ReplicaPool:
         self._retire(replica, self._death_reason(replica, exc))
         task.attempts += 1
         task.lost_on.append(replica.name)
-        if task.attempts > self.retries:
+        if task.count > 1 and task.attempts <= self.retries:
+            parts = task.split()
+            task.sink.split(task, parts)
+            for part in reversed(parts):
+                self.submit(part, front=True)
+        elif task.attempts > self.retries:
             task.sink.failed(
                 task,
                 ReplicaDiedError(
@@ -210,9 +215,14 @@ class ReplicaPool:
     def _timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:
         # Python can't stop the thread running the call: the replica has to go.
         self._retire(replica, f"killed after a call outlived its timeout of {task.timeout:g} s", kill=True)
-        task.sink.failed(
-            task, ReplicaTimeoutError(f"inputs {_span(task)}: {exc}", replica.name)
-        )
+        if task.count > 1:
+            # Which input was slow is unknown: each gets its own try, with the full timeout.
+            parts = task.split()
+            task.sink.split(task, parts)
+            for part in reversed(parts):
+                self.submit(part, front=True)
+            return
+        task.sink.failed(task, ReplicaTimeoutError(f"input {task.start}: {exc}", replica.name))
 
     def _death_reason(self, replica: Replica, exc: ReplicaDiedError) -> str:
         servlet = replica.remote.servlet

@@ -32,6 +32,13 @@ class Sink:
     def failed(self, task: Task, exc: BaseException) -> None:
         self.events.put((task, exc, None, 0.0))
 
+    def split(self, task: Task, parts: list[Task]) -> None:
+        """``task`` was replaced by ``parts``, each of which will get its own event."""
+        self.events.put((task, SPLIT, None, float(len(parts))))
+
+
+SPLIT = object()
+
 
 class FutureSink(Sink):
     """The sink of a single ``submit``: resolves a :class:`concurrent.futures.Future`."""
@@ -52,19 +59,42 @@ class FutureSink(Sink):
 
 @dataclass(eq=False)
 class Task:
-    """A chunk of ``count`` inputs starting at input ``start``."""
+    """A chunk of consecutive inputs, starting at input ``start``, ready to send.
+
+    The items are kept beside their pickle so that a chunk lost with a replica
+    can be split and retried input by input: one input that kills every
+    replica it touches must not take its chunk-mates down with it.
+    """
 
     start: int
-    count: int
-    payload: bytes
+    mode: int
+    items: list[Any]
+    kwargs: dict[str, Any] | None
     sink: Sink
     timeout: float | None = None
+    payload: bytes = b""
     attempts: int = 0
     lost_on: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.payload:
+            self.payload = ser.dump_call(self.mode, self.items, self.kwargs, base_index=self.start)
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
 
     @property
     def indexes(self) -> range:
         return range(self.start, self.start + self.count)
+
+    def split(self) -> list[Task]:
+        """One task per input, with this task's history."""
+        return [
+            Task(self.start + i, self.mode, [item], self.kwargs, self.sink, self.timeout,
+                 attempts=self.attempts, lost_on=list(self.lost_on))
+            for i, item in enumerate(self.items)
+        ]
 
 
 class TaskQueue:

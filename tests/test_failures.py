@@ -1,0 +1,218 @@
+"""When things go wrong: replicas that die, hang or raise, and inputs that can't travel.
+
+The crash table follows loky's: each row is a way for a replica to fail in the
+middle of a map of hundreds of inputs, and what the user must see.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+import runmap as rm
+
+N = 300
+POISON = 150
+
+
+class Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def crash_at(x: int, case: str, marker: str | None = None) -> int:
+    """Fails on input POISON; with a marker file, only the first time."""
+    if x == POISON and (marker is None or not os.path.exists(marker)):
+        if marker is not None:
+            open(marker, "w").close()
+        if case == "exit":
+            os._exit(1)
+        if case == "segv":
+            faulthandler._sigsegv()  # type: ignore[attr-defined]
+        if case == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if case == "memory":
+            raise MemoryError("out of memory on 150")
+        if case == "unpicklable":
+            raise Unpicklable()
+        if case == "hang":
+            time.sleep(60)
+    return 2 * x
+
+
+EXPECTED = [2 * x for x in range(N)]
+
+# (case, mapper options, error type in slot POISON, pattern of its message)
+CRASHES = [
+    ("exit", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*exit code 1"),
+    ("segv", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*SIGSEGV\(-11\)"),
+    ("sigkill", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*SIGKILL\(-9\)"),
+    ("memory", {}, MemoryError, r"out of memory on 150"),
+    ("unpicklable", {}, rm.RemoteError, r"Unpicklable: holds a lock"),
+    ("hang", {"timeout": 1.0}, rm.ReplicaTimeoutError, r"inputs? 150.*timeout of 1 s"),
+]
+
+
+@pytest.mark.parametrize("case,options,error,pattern", CRASHES, ids=[c[0] for c in CRASHES])
+def test_crash_table(case: str, options: dict, error: type, pattern: str) -> None:
+    with rm.mapper(crash_at, num_replicas=3, **options) as mapper:
+        results = mapper.map(range(N), kwargs={"case": case}, return_exceptions=True, progress=False)
+        assert isinstance(results[POISON], error), results[POISON]
+        assert re.search(pattern, str(results[POISON])), str(results[POISON])
+        assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
+        # Raised, not returned, without return_exceptions; and the Mapper still works after.
+        with pytest.raises(error):
+            mapper.map(range(N), kwargs={"case": case}, progress=False)
+        assert mapper.map(range(10), kwargs={"case": "none"}, progress=False) == EXPECTED[:10]
+
+
+@pytest.mark.parametrize("case", ["exit", "segv", "sigkill"])
+def test_a_crash_that_happens_once_loses_nothing(case: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    marker = str(tmp_path / "crashed")
+    with rm.mapper(crash_at, num_replicas=3) as mapper:
+        results = mapper.map(range(N), kwargs={"case": case, "marker": marker}, progress=False)
+        assert results == EXPECTED
+        assert os.path.exists(marker)
+        dead = [n for n, r in mapper._pool.describe().items() if r != "alive"]
+        assert len(dead) == 1
+        deadline = time.monotonic() + 20
+        while mapper.num_replicas < 3 and time.monotonic() < deadline:  # replaced in the background
+            time.sleep(0.1)
+        assert mapper.num_replicas == 3
+
+
+def slow_double(x: int) -> tuple[int, int]:
+    time.sleep(0.005)
+    return os.getpid(), 2 * x
+
+
+def test_sigkill_from_outside_mid_map() -> None:
+    with rm.mapper(slow_double, num_replicas=3) as mapper:
+        victim = mapper.replicas[1]
+        victim_pid = victim.servlet.pid
+        assert victim_pid is not None
+
+        def kill_soon() -> None:
+            time.sleep(0.4)
+            os.kill(victim_pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        results = mapper.map(range(400), chunksize=1, progress=False)
+        killer.join()
+        assert [v for _, v in results] == [2 * x for x in range(400)]
+        assert victim.name not in {r.name for r in mapper.replicas}
+        assert "SIGKILL(-9)" in mapper._pool.describe()[victim.name]
+        after = mapper.map(range(100), progress=False)
+        assert victim_pid not in {pid for pid, _ in after}
+        assert [v for _, v in after] == [2 * x for x in range(100)]
+
+
+def test_no_replica_left_says_what_happened_to_each() -> None:
+    with rm.mapper(crash_at, num_replicas=2, replace_dead=False, retries=5) as mapper:
+        with pytest.raises(rm.ReplicaDiedError) as info:
+            mapper.map(range(N), kwargs={"case": "exit"}, progress=False)
+        err = info.value
+        assert len(err.replicas) == 2 and all("exit code 1" in r for r in err.replicas.values())
+        assert "no replica is left" in str(err)
+
+
+def sleeper(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_timeout_kills_the_stuck_replica_and_the_mapper_stays_usable() -> None:
+    with rm.mapper(sleeper, num_replicas=1, timeout=1) as mapper:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            mapper.map([30], progress=False)
+        assert time.monotonic() - start < 5
+        assert mapper.map([0.01, 0.02], progress=False) == [0.01, 0.02]
+        with pytest.raises(rm.ReplicaTimeoutError):
+            mapper.call(30)
+
+
+def returns_a_lock(x: int) -> object:
+    return threading.Lock() if x == 2 else x
+
+
+def test_unpicklable_argument_and_result_name_the_index_and_side() -> None:
+    with rm.mapper(returns_a_lock, num_replicas=2) as mapper:
+        with pytest.raises(rm.SerializationError) as arg:
+            mapper.map([0, 1, threading.Lock(), 3], progress=False)
+        assert arg.value.index == 2 and arg.value.side == "argument"
+        assert "input 2" in str(arg.value) and "argument" in str(arg.value)
+
+        with pytest.raises(rm.SerializationError) as res:
+            mapper.map(range(5), progress=False)
+        assert res.value.index == 2 and res.value.side == "result"
+        assert "input 2" in str(res.value) and "result" in str(res.value)
+        assert res.value.replica in {r.name for r in mapper.replicas}
+
+        mixed = mapper.map([0, 1, threading.Lock(), 3], return_exceptions=True, progress=False)
+        assert mixed[:2] == [0, 1] and mixed[3] == 3 and isinstance(mixed[2], rm.SerializationError)
+        mixed = mapper.map(range(5), return_exceptions=True, progress=False)
+        assert mixed[:2] == [0, 1] and mixed[3:] == [3, 4] and isinstance(mixed[2], rm.SerializationError)
+
+
+class Flaky(Exception):
+    pass
+
+
+def flaky(x: int, marker_dir: str) -> int:
+    marker = os.path.join(marker_dir, str(x))
+    if x % 10 == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise Flaky(f"first try of {x}")
+    return x
+
+
+def test_retry_exceptions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with rm.mapper(flaky, num_replicas=2, retry_exceptions=Flaky) as mapper:
+        assert mapper.map(range(50), kwargs={"marker_dir": str(tmp_path)}, progress=False) == list(range(50))
+    (tmp_path / "again").mkdir()
+    with rm.mapper(flaky, num_replicas=2, retry_exceptions=KeyError) as mapper:
+        with pytest.raises(Flaky):
+            mapper.map(range(50), kwargs={"marker_dir": str(tmp_path / "again")}, progress=False)
+
+
+def logged(x: int, log: str, fail_at: int | None) -> int:
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    if x == fail_at:
+        raise ValueError(f"failed at {x}")
+    return x * 10
+
+
+def _read(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().split()
+
+
+def test_checkpoint_resumes_only_what_did_not_complete(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "run.db"
+    log = str(tmp_path / "calls.log")
+    with rm.mapper(logged, num_replicas=2) as mapper:
+        with pytest.raises(ValueError, match="failed at 60"):
+            mapper.map(range(100), kwargs={"log": log, "fail_at": 60}, chunksize=1, checkpoint=db, progress=False)
+        first = _read(log)
+        assert "60" in first
+        os.remove(log)
+        results = mapper.map(range(100), kwargs={"log": log, "fail_at": None}, chunksize=1, checkpoint=db, progress=False)
+        second = [int(x) for x in _read(log)]
+    assert results == [x * 10 for x in range(100)]
+    assert 60 in second and all(x >= 60 for x in second), sorted(second)
+    assert len(second) <= 41
+    # A third run takes everything from the file.
+    os.remove(log)
+    with rm.mapper(logged, num_replicas=1) as mapper:
+        again = mapper.map(range(100), kwargs={"log": log, "fail_at": None}, checkpoint=db, progress=False)
+    assert again == results and not os.path.exists(log)
