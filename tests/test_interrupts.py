@@ -1,0 +1,109 @@
+"""Ctrl-C, endless inputs and memory: a map stops promptly and holds only a window."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+import runmap as rm
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def test_imap_over_count_stops_when_the_caller_stops() -> None:
+    with rm.mapper(double, num_replicas=2) as mapper:
+        results = []
+        for r in mapper.imap(itertools.count(), progress=False):
+            results.append(r)
+            if len(results) == 1000:
+                break
+        assert results == [2 * x for x in range(1000)]
+        assert mapper.map([1, 2], progress=False) == [2, 4]  # nothing stale left in the queue
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import runmap as rm
+
+    def nap(x):
+        time.sleep(30)
+        return x
+
+    mapper = rm.mapper(nap, num_replicas=2)
+    print(json.dumps([r.servlet.pid for r in mapper.replicas]), flush=True)
+    try:
+        mapper.map(range(100), progress=False)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        raise
+    """
+)
+
+
+def test_ctrl_c_returns_within_a_second_and_leaves_nothing() -> None:
+    client = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout is not None and client.stderr is not None
+    pids = json.loads(client.stdout.readline())
+    time.sleep(1.0)  # the map is under way
+    sent = time.monotonic()
+    client.send_signal(signal.SIGINT)
+    line = client.stdout.readline()
+    interrupted_after = time.monotonic() - sent
+    client.wait(30)
+    exited_after = time.monotonic() - sent
+    stderr = client.stderr.read()
+    client.stdout.close()
+    client.stderr.close()
+    assert line.strip() == "interrupted"
+    assert interrupted_after < 1.0, interrupted_after
+    assert "KeyboardInterrupt" in stderr
+    assert exited_after < 10, exited_after
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    for p in alive:
+        psutil.Process(p).kill()
+    assert not alive, "servlets outlived an interrupted client"
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource
+    import runmap as rm
+
+    def inc(x):
+        return x + 1
+
+    with rm.mapper(inc, num_replicas=2) as mapper:
+        assert mapper.map([], progress=False) == []
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        total = 0
+        count = 0
+        for r in mapper.imap((i for i in range(1_000_000)), progress=False):
+            total += r
+            count += 1
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert count == 1_000_000 and total == sum(range(1, 1_000_001))
+    print(json.dumps({"base_kb": base, "peak_kb": peak}))
+    """
+)
+
+
+def test_a_million_inputs_from_a_generator_keep_memory_flat() -> None:
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    grown_mb = (figures["peak_kb"] - figures["base_kb"]) / 1024
+    assert grown_mb < 100, f"the client grew by {grown_mb:.0f} MB over a million inputs"
