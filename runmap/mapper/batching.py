@@ -19,6 +19,17 @@ from runmap.exceptions import ConfigError
 TARGET_SECONDS = 0.05  # one request's duration that makes its overhead negligible
 MAX_CHUNK = 16384
 MAX_PAYLOAD_BYTES = 8 << 20  # above this, a bigger chunk buys nothing but memory
+# The end of a map is cut finer so every slot gets a share, but never below a
+# chunk this long: splitting work that short balances nothing and costs a
+# round trip (a few hundred µs) per piece.
+TAIL_MIN_SECONDS = 0.005
+# A chunk shorter than this says little about how long inputs take (its time
+# is mostly the round trip), so alone it does not make later chunks smaller.
+NOISE_SECONDS = TARGET_SECONDS / 10
+# A chunk is at most this many times the largest one finished so far: sizes
+# reach thousands within a few round trips, but a map that stops early (an
+# ``imap`` over an endless generator, read five results deep) has read little.
+GROWTH = 8
 
 
 class FixedChunks:
@@ -37,31 +48,46 @@ class FixedChunks:
 
 
 class AdaptiveChunks:
-    """Chunk sizes that track how long inputs take (``chunksize="auto"``)."""
+    """Chunk sizes that track how long inputs take (``chunksize="auto"``).
+
+    The first chunks hold one input each: nothing is known yet, and one slow
+    input must not take others hostage. Each finished chunk gives a time per
+    input, and the next chunk is sized to take ``target`` seconds, growing at
+    most ``GROWTH`` times over the largest chunk finished so far. A faster
+    measurement is believed at once (from one input's round trip to thousands
+    per chunk takes two steps); a slower one at once too when its chunk was long
+    enough to mean it, so a map whose inputs turn slow stops sending big chunks.
+    """
 
     def __init__(self, slots: int, target: float = TARGET_SECONDS) -> None:
         self.slots = max(1, slots)
         self.target = target
-        self.per_input: float | None = None  # seconds per input, smoothed
+        self.per_input: float | None = None  # seconds per input
         self.bytes_per_input: float | None = None
+        self.largest_done = 0  # the most inputs a finished chunk held
 
     def next_size(self, remaining: int | None) -> int:
         if self.per_input is None:
-            size = 1
-        else:
-            size = int(self.target / max(self.per_input, 1e-9))
-            if self.bytes_per_input:
-                size = min(size, int(MAX_PAYLOAD_BYTES / self.bytes_per_input))
+            return 1
+        per = max(self.per_input, 1e-9)
+        size = min(int(self.target / per), GROWTH * self.largest_done)
+        if self.bytes_per_input:
+            size = min(size, int(MAX_PAYLOAD_BYTES / self.bytes_per_input))
         if remaining is not None:
-            # Leave at least two chunks per slot for the end of the map.
-            size = min(size, math.ceil(remaining / (2 * self.slots)))
+            # Leave at least two chunks per slot for the end of the map, unless
+            # they would be too short to be worth a request each.
+            tail = max(math.ceil(remaining / (2 * self.slots)), int(TAIL_MIN_SECONDS / per))
+            size = min(size, tail)
         return max(1, min(size, MAX_CHUNK))
 
     def record(self, count: int, seconds: float, payload_bytes: int) -> None:
         per = seconds / max(count, 1)
-        # Smoothing, but biased to the latest: a map whose inputs turn slow must
-        # stop sending big chunks at once.
-        self.per_input = per if self.per_input is None or per > self.per_input else 0.5 * (self.per_input + per)
+        self.largest_done = max(self.largest_done, count)
+        if self.per_input is None or per <= self.per_input or seconds >= NOISE_SECONDS:
+            self.per_input = per
+        else:
+            # A short chunk that looks slow: most likely a round trip that waited; half-believe it.
+            self.per_input = 0.5 * (self.per_input + per)
         bpi = payload_bytes / max(count, 1)
         self.bytes_per_input = bpi if self.bytes_per_input is None else 0.5 * (self.bytes_per_input + bpi)
 
