@@ -23,3 +23,13 @@ def log_dir(cluster: str) -> Path:
     path = runtime_dir() / "logs" / cluster
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def cache_dir() -> Path:
+    """``$RUNMAP_CACHE``, else ``$XDG_CACHE_HOME/runmap``, else ``~/.cache/runmap``: kept across runs."""
+    if os.environ.get("RUNMAP_CACHE"):
+        base = Path(os.environ["RUNMAP_CACHE"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "runmap"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base
