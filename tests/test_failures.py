@@ -216,3 +216,42 @@ def test_checkpoint_resumes_only_what_did_not_complete(tmp_path) -> None:  # typ
     with rm.mapper(logged, num_replicas=1) as mapper:
         again = mapper.map(range(100), kwargs={"log": log, "fail_at": None}, checkpoint=db, progress=False)
     assert again == results and not os.path.exists(log)
+
+
+def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+    import textwrap
+
+    db, log = tmp_path / "run.db", tmp_path / "calls.log"
+    script = textwrap.dedent(
+        f"""
+        import time
+        import runmap as rm
+
+        def slow(x):
+            with open({str(log)!r}, "a") as f:
+                f.write(f"{{x}}\\n")
+            time.sleep(0.05)
+            return x * 10
+
+        with rm.mapper(slow, num_replicas=2) as mapper:
+            for i, _ in enumerate(mapper.imap(range(100), chunksize=1, checkpoint={str(db)!r}, progress=False)):
+                if i == 30:
+                    print("halfway", flush=True)
+        """
+    )
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert client.stdout is not None
+    assert client.stdout.readline().strip() == "halfway"
+    client.kill()
+    client.wait(30)
+    client.stdout.close()
+    time.sleep(1.5)  # the orphaned servlets notice and exit
+    log.unlink()
+    with rm.mapper(logged, num_replicas=2) as mapper:
+        results = mapper.map(range(100), kwargs={"log": str(log), "fail_at": None}, chunksize=1, checkpoint=db, progress=False)
+    assert results == [x * 10 for x in range(100)]
+    rerun = [int(x) for x in _read(str(log))]
+    assert len(rerun) < 75, f"{len(rerun)} inputs ran again; at least 30 had completed"
+    assert all(x >= 25 for x in rerun)
