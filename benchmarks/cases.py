@@ -19,7 +19,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 # ------------------------------------------------------------------ workloads
 

@@ -115,7 +115,7 @@ class ErrorInfo:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
             blob: bytes | None = dumps(exc)
-            loads(blob)  # an exception that pickles but can't be rebuilt is no better
+            loads(blob or b"")  # an exception that pickles but can't be rebuilt is no better
         except Exception:
             blob = None
         type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"

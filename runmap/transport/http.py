@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 from runmap.exceptions import (
@@ -190,7 +191,7 @@ class HTTPChannel:
             if not n:
                 raise ConnectionResetError("the servlet closed the connection mid-response")
             got += n
-        return body  # a bytearray: pickle reads it as it would bytes
+        return body  # type: ignore[return-value]  # a bytearray: pickle reads it as it reads bytes
 
     def _raise_for_status(self, status: int, data: bytes) -> None:
         try:
