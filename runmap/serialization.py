@@ -181,5 +181,13 @@ def load_outcome(data: bytes | memoryview) -> Outcome:
 def dump_module(obj: Any) -> bytes:
     """Serializes a function or class with its code when it isn't importable remotely."""
     buf = io.BytesIO()
-    cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
+    try:
+        cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
+    except Exception as exc:
+        what = getattr(obj[1], "__qualname__", repr(obj[1])) if isinstance(obj, tuple) and len(obj) > 1 else repr(obj)
+        raise SerializationError(
+            f"{what} could not be pickled to ship it to a replica (argument): {exc!r}. "
+            "A function or class travels with what it refers to: locks, sockets and open files can't.",
+            side="argument",
+        ) from exc
     return buf.getvalue()

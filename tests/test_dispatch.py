@@ -1,0 +1,86 @@
+"""The Mapper's dispatch on the in-process transport: order, balance and deaths, without processes."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+import runmap as rm
+from runmap.cluster.inprocess import InProcessCluster, InProcessServlet
+
+
+def jittery(x: int) -> int:
+    time.sleep(random.random() * 0.002)
+    return x * x
+
+
+def test_order_survives_random_delays(inprocess: InProcessCluster) -> None:
+    remote = rm.function(jittery).to(inprocess)
+    with rm.mapper(remote, num_replicas=4, concurrency=2) as mapper:
+        assert mapper.map(range(500), chunksize=3, progress=False) == [x * x for x in range(500)]
+        assert sorted(mapper.imap_unordered(range(200), chunksize=1, progress=False)) == [x * x for x in range(200)]
+
+
+SEEN: list[int] = []
+SEEN_LOCK = threading.Lock()
+
+
+def record(x: int) -> int:
+    with SEEN_LOCK:  # module-level: the in-process replicas share this module with the test
+        SEEN.append(x)
+    return x
+
+
+def test_every_input_is_sent_once_when_nothing_fails(inprocess: InProcessCluster) -> None:
+    SEEN.clear()
+    remote = rm.function(record).to(inprocess)
+    with rm.mapper(remote, num_replicas=3) as mapper:
+        assert mapper.map(range(1000), progress=False) == list(range(1000))
+    assert sorted(SEEN) == list(range(1000))
+
+
+def test_a_function_that_cannot_travel_is_a_clear_error(inprocess: InProcessCluster) -> None:
+    lock = threading.Lock()
+    with pytest.raises(rm.SerializationError, match="could not be pickled"):
+        rm.function(lambda x: lock).to(inprocess)
+
+
+def test_a_dead_replica_loses_no_input(inprocess: InProcessCluster) -> None:
+    def slow(x: int) -> int:
+        time.sleep(0.002)
+        return x
+
+    remote = rm.function(slow).to(inprocess)
+    with rm.mapper(remote, num_replicas=3, replace_dead=False) as mapper:
+        victim = mapper.replicas[2].servlet
+        assert isinstance(victim, InProcessServlet)
+        threading.Timer(0.05, victim.kill).start()
+        assert mapper.map(range(300), chunksize=1, progress=False) == list(range(300))
+        assert mapper.num_replicas == 2
+        assert victim.name not in {r.name for r in mapper.replicas}
+
+
+def test_when_every_replica_dies_the_error_names_each(inprocess: InProcessCluster) -> None:
+    remote = rm.function(lambda x: x).to(inprocess)
+    with rm.mapper(remote, num_replicas=2, replace_dead=False) as mapper:
+        for r in mapper.replicas:
+            r.servlet.kill()  # type: ignore[attr-defined]
+        with pytest.raises(rm.ReplicaDiedError) as info:
+            mapper.map(range(10), progress=False)
+        assert set(info.value.replicas) == {"default", "default_replica_1"}
+        with pytest.raises(rm.ReplicaDiedError):
+            mapper.call(1)  # a broken pool fails new work at once, it does not hang
+
+
+def test_a_dead_replica_is_replaced(inprocess: InProcessCluster) -> None:
+    remote = rm.function(lambda x: x + 1).to(inprocess)
+    with rm.mapper(remote, num_replicas=2) as mapper:
+        mapper.replicas[1].servlet.kill()  # type: ignore[attr-defined]
+        assert mapper.map(range(100), chunksize=1, progress=False) == list(range(1, 101))
+        deadline = time.monotonic() + 5
+        while mapper.num_replicas < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {r.name for r in mapper.replicas} == {"default", "default_replica_2"}
