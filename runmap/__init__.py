@@ -24,6 +24,8 @@ from runmap.exceptions import (
     RunmapError,
     SerializationError,
 )
+from runmap.executor import Executor
+from runmap.integrations import register_joblib
 from runmap.mapper import Mapper, mapper
 from runmap.module import (
     Function,
@@ -46,6 +48,7 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "Env",
+    "Executor",
     "Function",
     "LocalCluster",
     "Mapper",
@@ -67,4 +70,5 @@ __all__ = [
     "function",
     "mapper",
     "module",
+    "register_joblib",
 ]
