@@ -76,7 +76,7 @@ def test_when_every_replica_dies_the_error_names_each(inprocess: InProcessCluste
 
 
 def test_a_dead_replica_is_replaced(inprocess: InProcessCluster) -> None:
-    remote = rm.function(lambda x: x + 1).to(inprocess)
+    remote = rm.function(lambda x: time.sleep(0.002) or x + 1).to(inprocess)
     with rm.mapper(remote, num_replicas=2) as mapper:
         mapper.replicas[1].servlet.kill()  # type: ignore[attr-defined]
         assert mapper.map(range(100), chunksize=1, progress=False) == list(range(1, 101))
