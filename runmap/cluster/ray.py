@@ -1,0 +1,505 @@
+"""The Ray cluster: each env replica is a Ray actor that runs a servlet.
+
+    client ── RayCluster._launch(env) ── actor options from env.compute,
+      │                                  runtime_env from reqs / env_vars / working_dir
+      │                                        │
+      │                                        ▼
+      │                           Ray places _ServletActor on a node
+      │                           (its __init__ starts the servlet in a thread:
+      │                            runmap.server.embedded, bound to the node's IP)
+      │                                        │ address() -> host, port, pid, node
+      ▼                                        ▼
+    RayServlet (an HTTPServlet) ── HTTP, the cluster's token ──► the servlet
+
+Ray does the placing, the installing and the process keeping; the calls use
+runmap's own protocol, so a Mapper treats these replicas like any other and
+may mix them with replicas on other clusters. Ray is imported only here, and
+only when a RayCluster is made: ``import runmap`` does not import it.
+
+Ray's exceptions are translated into runmap's tree in one place,
+:func:`_translate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from runmap.cluster.base import Cluster
+from runmap.envs.env import Env
+from runmap.exceptions import AllocationError, ClusterError, ConfigError, ReplicaDiedError
+from runmap.server.app import DEFAULT_MAX_BODY
+from runmap.servlet import HTTPServlet
+from runmap.transport.base import Channel
+from runmap.transport.http import HTTPChannel
+
+START_TIMEOUT = 600.0  # installing a runtime_env's requirements can take minutes
+ALLOCATION_TIMEOUT = 60.0  # how long to wait for a node that fits before giving up
+PING_TIMEOUT = 2.0
+ALIVE_CACHE_SECONDS = 0.25
+POLL_SECONDS = 0.2
+# A node that vanishes without closing its sockets (power loss, partition) is
+# noticed by TCP keepalive after about IDLE + INTERVAL * COUNT seconds.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+
+_INSTALLING_KEYS = {"pip", "uv", "conda", "working_dir", "py_modules", "container", "image_uri"}
+_RESERVED = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
+
+# One Ray connection per process: the clusters sharing it, and whether runmap started it.
+_ray_lock = threading.Lock()
+_ray_users: set[int] = set()
+_ray_started_by_runmap = False
+
+
+# ----------------------------------------------------------------- the actor
+
+
+class _ServletActor:
+    """What runs inside each Ray actor: a servlet in a thread of the actor's process.
+
+    The token arrives as a constructor argument (Ray ships it in the task, never
+    on a command line). The actor's main thread stays Ray's, for ``address``,
+    ``ping`` and ``stop``; user code runs in the servlet's threads and sees
+    Ray's runtime context like any actor code.
+    """
+
+    def __init__(self, name: str, token: str, client_sys_path: list[str], max_body: int) -> None:
+        # The client's import path, where it exists on this node, after the
+        # runtime_env's own entries: code the client imports by reference (its
+        # test modules, its packages) is importable here on one machine or a
+        # shared filesystem; elsewhere use working_dir or py_modules.
+        for path in client_sys_path:
+            if path and path not in sys.path and os.path.exists(path):
+                sys.path.append(path)
+        os.environ["RUNMAP_REPLICA"] = name
+        import ray
+
+        from runmap.server.embedded import start_servlet
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.servlet = start_servlet(name, token, ray.util.get_node_ip_address(), 0, max_body)
+
+    def address(self) -> tuple[str, int, int, str]:
+        return self.servlet.host, self.servlet.port, os.getpid(), self.node_id
+
+    def ping(self) -> bool:
+        return self.servlet.is_running()
+
+    def stop(self) -> None:
+        self.servlet.stop()
+
+
+_actor_class: Any = None
+
+
+def _servlet_actor() -> Any:
+    global _actor_class
+    if _actor_class is None:
+        import ray
+
+        # Threaded, so a ping is answered while another actor method runs.
+        _actor_class = ray.remote(max_concurrency=4, max_restarts=0)(_ServletActor)
+    return _actor_class
+
+
+# ------------------------------------------------------------ translation
+
+
+@contextlib.contextmanager
+def _translate(what: str, replica: str | None = None, died: type[Exception] = ReplicaDiedError) -> Iterator[None]:
+    """Turns Ray's exceptions into runmap's: the only place that knows Ray's tree.
+
+    Args:
+        what: what was being done, to start the message with.
+        replica: the replica concerned, if any.
+        died: what a dead actor means here: ``ReplicaDiedError`` for a running
+            replica, ``ClusterError`` for one that was starting.
+    """
+    import ray.exceptions as rex
+
+    try:
+        yield
+    except rex.RuntimeEnvSetupError as exc:
+        raise ClusterError(f"{what}: Ray could not set up the replica's runtime_env (reqs, working_dir): {exc}") from exc
+    except rex.ActorUnschedulableError as exc:
+        raise AllocationError(f"{what}: {exc}") from exc
+    except rex.RayActorError as exc:
+        message = f"{what}: {_summary(str(exc))}"
+        raise (ReplicaDiedError(message, replica) if died is ReplicaDiedError else died(message)) from exc
+    except rex.GetTimeoutError as exc:
+        raise ClusterError(f"{what}: Ray did not answer in time") from exc
+    except rex.RayError as exc:
+        raise ClusterError(f"{what}: {exc}") from exc
+    except ConnectionError as exc:  # ray.init could not reach the cluster
+        raise ClusterError(f"{what}: {exc}") from exc
+
+
+def _summary(text: str) -> str:
+    """Ray's actor-death message without its bookkeeping lines (ids, pid, namespace)."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    kept = [
+        line
+        for line in lines
+        if line
+        and not line.startswith(_ACTOR_FIELDS)
+        and line not in ("The actor died unexpectedly before finishing this task.",)
+    ]
+    return "; ".join(kept[:8]) or (lines[0] if lines else "the actor died")
+
+
+_ACTOR_FIELDS = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:")
+
+
+# --------------------------------------------------------------- the handle
+
+
+class _KeepAliveChannel(HTTPChannel):
+    """An HTTP channel whose socket notices a peer machine that vanished.
+
+    A replica whose process dies closes its sockets, and the call fails at
+    once; a node that drops off the network closes nothing, and without
+    keepalive a call waiting on it would wait forever.
+    """
+
+    def _connect(self) -> Any:
+        conn = super()._connect()
+        # The channel connects with a socket of its own or through http.client: take either.
+        sock = conn if isinstance(conn, socket.socket) else conn.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+            ("TCP_USER_TIMEOUT", 1000 * (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)),
+        ):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        return conn
+
+
+class RayServlet(HTTPServlet):
+    """A servlet inside a Ray actor.
+
+    Attributes:
+        actor: the Ray actor handle.
+        node_id: the Ray node it was placed on.
+    """
+
+    def __init__(
+        self, name: str, env: Env, cluster: RayCluster, host: str, port: int, actor: Any, pid: int, node_id: str
+    ) -> None:
+        super().__init__(name, env, cluster, host, port)
+        self.actor = actor
+        self.node_id = node_id
+        self._pid = pid
+        self._death: str | None = None
+        self._checked = 0.0
+        self._check_lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The actor's process id, on its node."""
+        return self._pid
+
+    def open_channel(self) -> Channel:
+        return _KeepAliveChannel(self.host, self.port, self.cluster.token, self.name)
+
+    def is_alive(self) -> bool:
+        """Asks the actor (at most every ``ALIVE_CACHE_SECONDS``); a dead actor stays dead.
+
+        An actor that does not answer within ``PING_TIMEOUT`` counts as alive
+        until Ray says otherwise: its node may be slow, not gone.
+        """
+        if self.stopped or self._death is not None:
+            return False
+        with self._check_lock:
+            if self._death is None and time.monotonic() - self._checked > ALIVE_CACHE_SECONDS:
+                self._ping()
+                self._checked = time.monotonic()
+        return self._death is None
+
+    def _ping(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            self._death = "Ray was shut down"
+            return
+        try:
+            with _translate(f"the actor of {self.name} on {self.host}", self.name):
+                ray.get(self.actor.ping.remote(), timeout=PING_TIMEOUT)
+        except ReplicaDiedError as exc:
+            self._death = str(exc)
+        except ClusterError:
+            pass  # no answer yet: not known to be dead
+
+    def exit_reason(self) -> str:
+        if self.stopped:
+            return "stopped by runmap"
+        if self.is_alive():
+            return "running"
+        return self._death or "gone"
+
+    def _terminate(self) -> None:
+        _kill_actor(self.actor)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "node_id": self.node_id}
+
+
+def _kill_actor(actor: Any) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return  # Ray is gone, and the actors with it (they share their owner's fate)
+    with contextlib.suppress(Exception):  # already dead, or Ray is shutting down
+        ray.kill(actor, no_restart=True)
+
+
+# -------------------------------------------------------------- the cluster
+
+
+class RayCluster(Cluster):
+    """Replicas as Ray actors, placed by Ray on the nodes of a Ray cluster.
+
+    Args:
+        address: ``None`` uses this process's Ray if it is connected, and starts
+            a local Ray otherwise; ``"auto"``, ``"<ip>:<port>"`` or
+            ``"ray://<host>:<port>"`` joins an existing cluster.
+        name: the cluster's name, shown in replica descriptions.
+        num_cpus: logical CPUs of a local Ray that runmap starts (Ray's default
+            is every core).
+        runtime_env: Ray ``runtime_env`` entries given to every replica, merged
+            under each env's own (``py_modules``, ``conda``, ``env_vars``...).
+        spread: spread replicas over nodes (Ray's ``SPREAD`` strategy) rather
+            than packing them onto the first that fits.
+        start_timeout: seconds a replica may take to start, installing its
+            requirements included.
+        allocation_timeout: seconds to wait for room for a replica's ``compute``
+            before :class:`AllocationError`: for a node that could ever hold it
+            and, for a replica with nothing to install, for one free enough.
+        max_body: the largest request body a servlet accepts, in bytes.
+        init_options: further keyword arguments for ``ray.init``.
+
+    Example:
+        >>> import runmap as rm
+        >>> with rm.cluster("ray", num_cpus=2) as ray_cluster:  # doctest: +SKIP
+        ...     env = rm.env(name="work", compute={"CPU": 1})
+        ...     double = rm.function(lambda x: 2 * x).to(ray_cluster, env=env)
+        ...     rm.mapper(double, num_replicas=2).map(range(4))
+        [0, 2, 4, 6]
+    """
+
+    kind = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        name: str = "ray",
+        *,
+        num_cpus: int | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        spread: bool = True,
+        start_timeout: float = START_TIMEOUT,
+        allocation_timeout: float = ALLOCATION_TIMEOUT,
+        max_body: int = DEFAULT_MAX_BODY,
+        init_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("the Ray cluster needs Ray: pip install 'runmap[ray]'") from exc
+        if start_timeout <= 0 or allocation_timeout <= 0:
+            raise ConfigError("start_timeout and allocation_timeout must be > 0")
+        super().__init__(name)
+        self.address = address
+        self.runtime_env = dict(runtime_env or {})
+        self.spread = spread
+        self.start_timeout = start_timeout
+        self.allocation_timeout = allocation_timeout
+        self.max_body = max_body
+        self._actors: list[Any] = []
+        self._released = False
+        try:
+            self.started_ray = _connect(self, address, num_cpus, dict(init_options or {}))
+        except BaseException:
+            self._closed = True
+            raise
+
+    # ------------------------------------------------------------ launching
+
+    def actor_options(self, env: Env) -> dict[str, Any]:
+        """The Ray actor options of one replica of ``env``."""
+        options: dict[str, Any] = {"num_cpus": 0, "resources": {}}
+        for key, amount in env.compute.items():
+            if key in _RESERVED:
+                options[_RESERVED[key]] = amount
+            else:
+                options["resources"][key] = amount
+        if not options["resources"]:
+            del options["resources"]
+        runtime_env = self.runtime_env_for(env)
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        if self.spread:
+            options["scheduling_strategy"] = "SPREAD"
+        options["name"] = f"runmap:{self.name}:{env.name}:{uuid.uuid4().hex[:8]}"
+        return options
+
+    def runtime_env_for(self, env: Env) -> dict[str, Any]:
+        """The ``runtime_env`` of a replica of ``env``: the cluster's, then the env's."""
+        runtime_env = dict(self.runtime_env)
+        if env.reqs:
+            single = env.reqs[0] if len(env.reqs) == 1 else ""
+            # A requirements file is read by Ray on this client; a list is installed as is.
+            runtime_env["pip"] = os.path.abspath(single) if single and os.path.isfile(single) else list(env.reqs)
+        if env.env_vars:
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env.env_vars}
+        if env.working_dir is not None:
+            if not os.path.isdir(env.working_dir):
+                raise ConfigError(f"working_dir {env.working_dir!r} of env {env.name!r} is not a directory")
+            runtime_env["working_dir"] = os.path.abspath(env.working_dir)
+        return runtime_env
+
+    def _launch(self, env: Env) -> RayServlet:
+        options = self.actor_options(env)
+        client_path = [os.path.abspath(p) for p in sys.path if p]
+        with _translate(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
+            actor = _servlet_actor().options(**options).remote(env.name, self.token, client_path, self.max_body)
+        with self._lock:
+            self._actors.append(actor)
+        try:
+            with _translate(f"replica {env.name!r} did not start on Ray", died=ClusterError):
+                host, port, pid, node_id = self._wait_started(env, actor)
+        except BaseException:
+            self._forget_actor(actor)
+            raise
+        return RayServlet(env.name, env, self, host, port, actor, pid, node_id)
+
+    def _wait_started(self, env: Env, actor: Any) -> tuple[str, int, int, str]:
+        """Waits for the actor's servlet, bounded by the allocation and start timeouts."""
+        import ray
+
+        ref = actor.address.remote()
+        installs = bool(set(self.runtime_env_for(env)) & _INSTALLING_KEYS)
+        started = time.monotonic()
+        while True:
+            ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
+            if ready:
+                return ray.get(ref)  # type: ignore[no-any-return]
+            waited = time.monotonic() - started
+            if self._closed:
+                raise ClusterError(f"cluster {self.name!r} was closed while {env.name!r} was starting")
+            if waited > self.allocation_timeout:
+                nodes = _alive_nodes()
+                if not any(_fits(env.compute, node["Resources"]) for node in nodes):
+                    raise AllocationError(
+                        f"no node of Ray cluster {self.name!r} can hold a replica of {env.name!r} with "
+                        f"compute {dict(env.compute)} (waited {waited:.0f} s); nodes have: "
+                        + "; ".join(_describe_resources(n["Resources"]) for n in nodes)
+                    )
+                # With nothing to install, a replica still pending this long waits for
+                # resources; with requirements, it may be installing them (and holds its
+                # resources meanwhile), so only start_timeout bounds it.
+                free = ray.available_resources()
+                if not installs and not _fits(env.compute, free):
+                    raise AllocationError(
+                        f"every node of Ray cluster {self.name!r} that could hold a replica of {env.name!r} "
+                        f"with compute {dict(env.compute)} stayed busy for {waited:.0f} s; free now: "
+                        f"{_describe_resources(free)}"
+                    )
+            if waited > self.start_timeout:
+                free = ray.available_resources()
+                if not _fits(env.compute, free):
+                    raise AllocationError(
+                        f"replica {env.name!r} with compute {dict(env.compute)} found no free resources in "
+                        f"{waited:.0f} s; free now: {_describe_resources(free)}"
+                    )
+                raise ClusterError(f"replica {env.name!r} did not start within {self.start_timeout:g} s")
+
+    def _forget_actor(self, actor: Any) -> None:
+        _kill_actor(actor)
+        with self._lock:
+            if actor in self._actors:
+                self._actors.remove(actor)
+
+    # ------------------------------------------------------------- stopping
+
+    def stop_servlet(self, servlet: Any) -> None:
+        super().stop_servlet(servlet)
+        if isinstance(servlet, RayServlet):
+            self._forget_actor(servlet.actor)
+
+    def close(self) -> None:
+        """Kills every actor this cluster created and, if runmap started Ray, shuts it down."""
+        super().close()
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            actors, self._actors = self._actors, []
+        for actor in actors:
+            _kill_actor(actor)
+        _disconnect(self)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's live nodes: ``NodeID``, ``NodeManagerAddress``, ``Resources``."""
+        return _alive_nodes()
+
+
+# ------------------------------------------------------ the Ray connection
+
+
+def _connect(cluster: RayCluster, address: str | None, num_cpus: int | None, init_options: dict[str, Any]) -> bool:
+    """Connects this process to Ray, or shares its connection; True if runmap started Ray."""
+    global _ray_started_by_runmap
+    import ray
+
+    with _ray_lock:
+        if ray.is_initialized():
+            _ray_users.add(id(cluster))
+            return _ray_started_by_runmap
+        if address is None and num_cpus is not None:
+            init_options.setdefault("num_cpus", num_cpus)
+        init_options.setdefault("log_to_driver", True)
+        with _translate(f"could not {'start' if address is None else 'join'} Ray for cluster {cluster.name!r}"):
+            ray.init(address=address, **init_options)
+        _ray_users.add(id(cluster))
+        _ray_started_by_runmap = address is None
+        return _ray_started_by_runmap
+
+
+def _disconnect(cluster: RayCluster) -> None:
+    """Shuts Ray down once the last cluster using a Ray runmap started is closed."""
+    global _ray_started_by_runmap
+    import ray
+
+    with _ray_lock:
+        _ray_users.discard(id(cluster))
+        if _ray_users or not _ray_started_by_runmap:
+            return
+        _ray_started_by_runmap = False
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    with _translate("could not list Ray's nodes"):
+        return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def _fits(compute: Mapping[str, float], resources: Mapping[str, float]) -> bool:
+    return all(amount <= resources.get(key, 0) for key, amount in compute.items() if amount > 0)
+
+
+def _describe_resources(resources: Mapping[str, float]) -> str:
+    shown = {k: v for k, v in resources.items() if not k.startswith("node:") and k != "object_store_memory"}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "nothing"

@@ -1,0 +1,260 @@
+"""The Ray cluster, on a real Ray: a local one, and a head with two worker nodes.
+
+The multi-node tests share one ``ray.cluster_utils.Cluster`` (head: 1 CPU, two
+workers: 2 CPUs each) for the module: starting it costs seconds, and Ray keeps
+worker processes between tests on purpose. Those tests are marked
+``allow_leaks``; the fixture shuts Ray down at the end of the module and checks
+that no process or thread of it is left. The test that removes a node runs
+last, since it leaves the cluster with one worker fewer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+import runmap as rm
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster as RayTestCluster  # noqa: E402
+
+from runmap.cluster.ray import RayCluster, RayServlet  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+NODE_OPTIONS = {"include_dashboard": False, "object_store_memory": 80 * 1024 * 1024}
+MAX_WAIT = 10.0
+
+
+# ------------------------------------------------------------ what replicas run
+
+
+def where(x: int) -> tuple[int, str, str]:
+    """The input, the replica's name, and the Ray node it runs on (or "" off Ray)."""
+    time.sleep(0.005)
+    node = ""
+    if "ray" in sys.modules and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+    return x, os.environ.get("RUNMAP_REPLICA", ""), node
+
+
+def slow_where(x: int) -> tuple[int, str, str]:
+    time.sleep(0.03)
+    return where(x)
+
+
+def joke_package() -> tuple[str, str]:
+    from importlib.metadata import version
+
+    import pyjokes  # type: ignore[import-not-found]
+
+    return version("pyjokes"), pyjokes.__file__
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _wait_until(predicate: Any, timeout: float = MAX_WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def _runmap_actors(cluster_name: str) -> list[str]:
+    prefix = f"runmap:{cluster_name}:"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+# ------------------------------------------ no Ray running: these go first
+
+
+def test_import_runmap_does_not_import_ray() -> None:
+    subprocess.run(
+        [sys.executable, "-c", "import runmap, sys; rm = runmap.cluster; assert 'ray' not in sys.modules"],
+        check=True,
+        timeout=60,
+    )
+
+
+def test_local_ray_runs_a_servlet_in_an_actor_and_shuts_down() -> None:
+    assert not ray.is_initialized(), "this test starts its own Ray: it must run before the shared cluster"
+    before = _children()
+    cluster = rm.cluster("ray", num_cpus=1, init_options={"include_dashboard": False})
+    try:
+        assert isinstance(cluster, RayCluster) and cluster.started_ray
+        double = rm.function(where).to(cluster, env=rm.env(name="solo", compute={"CPU": 1}))
+        servlet = double.servlet
+        assert isinstance(servlet, RayServlet) and servlet.is_alive()
+        x, replica, node = double(21)
+        assert (x, replica, node) == (21, "solo", servlet.node_id)
+        # The token travels in the actor's constructor arguments, never on a command line.
+        for pid in _children() - before:
+            try:
+                command_line = " ".join(psutil.Process(pid).cmdline())
+            except psutil.Error:
+                continue  # gone meanwhile
+            assert cluster.token not in command_line
+    finally:
+        cluster.close()
+    assert not ray.is_initialized()
+    assert _wait_until(lambda: not (_children() - before)), "Ray left processes behind"
+
+
+# ----------------------------------------------- a head and two worker nodes
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[RayTestCluster]:
+    """A head (1 CPU, 1 custom "slot") and two workers (2 CPUs each), all on this machine."""
+    before_procs = _children()
+    before_threads = set(threading.enumerate())
+    head = {"num_cpus": 1, "resources": {"slot": 1}, **NODE_OPTIONS}
+    cluster = RayTestCluster(initialize_head=True, head_node_args=head)
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, **NODE_OPTIONS)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    assert _wait_until(lambda: not (_children() - before_procs)), "Ray left processes behind"
+    assert _wait_until(lambda: not (set(threading.enumerate()) - before_threads)), "Ray left threads behind"
+
+
+@pytest.fixture(scope="module")
+def on_ray(nodes: RayTestCluster) -> Iterator[RayCluster]:
+    """runmap's cluster on those nodes, joined by address."""
+    with rm.cluster("ray", address=nodes.address, name="nodes", allocation_timeout=20.0) as cluster:
+        assert isinstance(cluster, RayCluster) and not cluster.started_ray
+        yield cluster
+
+
+def _worker_ids(nodes: RayTestCluster) -> set[str]:
+    return {n.node_id for n in nodes.worker_nodes}
+
+
+@pytest.mark.allow_leaks
+def test_five_replicas_spread_over_all_three_nodes(nodes: RayTestCluster, on_ray: RayCluster) -> None:
+    target = rm.function(where).to(on_ray, env=rm.env(name="five", compute={"CPU": 1}))
+    with rm.mapper(target, num_replicas=5) as mapper:
+        placed = {r.servlet.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
+        results = mapper.map(range(60), progress=False, chunksize=1)
+    all_nodes = {nodes.head_node.node_id} | _worker_ids(nodes)
+    assert placed == all_nodes
+    assert [x for x, _, _ in results] == list(range(60))
+    # User code sees Ray's runtime context: each result names the node it ran on.
+    assert {node for _, _, node in results} <= all_nodes
+    assert len({replica for _, replica, _ in results}) > 1
+    on_ray.stop_servlet(target.servlet)
+
+
+@pytest.mark.allow_leaks
+def test_a_killed_actor_is_a_dead_replica(on_ray: RayCluster) -> None:
+    target = rm.function(where).to(on_ray, env=rm.env(name="doomed"))
+    servlet = target.servlet
+    assert isinstance(servlet, RayServlet) and servlet.is_alive()
+    ray.kill(servlet.actor)
+    assert _wait_until(lambda: not servlet.is_alive())
+    assert "killed" in servlet.exit_reason()
+    with pytest.raises(rm.ReplicaDiedError):
+        target(1)
+    on_ray.stop_servlet(servlet)
+
+
+@pytest.mark.allow_leaks
+def test_compute_that_fits_nowhere_is_an_allocation_error(nodes: RayTestCluster) -> None:
+    with rm.cluster("ray", address=nodes.address, name="tight", allocation_timeout=2.0) as cluster:
+        for compute in ({"CPU": 3}, {"accelerator_x": 1}):
+            started = time.monotonic()
+            with pytest.raises(rm.AllocationError, match="no node"):
+                rm.function(where).to(cluster, env=rm.env(name="huge", compute=compute))
+            assert time.monotonic() - started < 2.0 + MAX_WAIT
+        assert _runmap_actors("tight") == []
+
+
+@pytest.mark.allow_leaks
+def test_a_replica_waiting_on_busy_nodes_fails_after_the_bounded_wait(nodes: RayTestCluster) -> None:
+    with rm.cluster("ray", address=nodes.address, name="busy", allocation_timeout=2.0) as cluster:
+        hog = rm.function(where).to(cluster, env=rm.env(name="hog", compute={"slot": 1}))
+        started = time.monotonic()
+        with pytest.raises(rm.AllocationError, match="busy"):
+            rm.function(where).to(cluster, env=rm.env(name="late", compute={"slot": 1}))
+        assert time.monotonic() - started < 2.0 + MAX_WAIT
+        assert hog(1)[0] == 1
+
+
+@pytest.mark.allow_leaks
+def test_close_kills_every_actor_but_leaves_a_joined_ray_running(nodes: RayTestCluster) -> None:
+    cluster = rm.cluster("ray", address=nodes.address, name="short")
+    rm.function(where).to(cluster, env=rm.env(name="a"))
+    rm.function(where).to(cluster, env=rm.env(name="b"))
+    assert len(_runmap_actors("short")) == 2
+    cluster.close()
+    assert ray.is_initialized()
+    assert _wait_until(lambda: _runmap_actors("short") == [])
+
+
+@pytest.mark.allow_leaks
+def test_one_mapper_sends_work_to_local_and_ray_replicas(on_ray: RayCluster) -> None:
+    with rm.LocalCluster(name="beside-ray") as local:
+        here = rm.function(slow_where).to(local, env=rm.env(name="here"))
+        there = rm.function(slow_where).to(on_ray, env=rm.env(name="there"))
+        with rm.mapper(here, replicas=[there]) as mapper:
+            results = mapper.map(range(40), progress=False, chunksize=1)
+        on_ray.stop_servlet(there.servlet)
+    assert [x for x, _, _ in results] == list(range(40))
+    ran_on = {replica: bool(node) for _, replica, node in results}
+    assert ran_on == {"here": False, "there": True}
+
+
+@pytest.mark.allow_leaks
+def test_reqs_are_installed_by_ray(on_ray: RayCluster) -> None:
+    with pytest.raises(ImportError):
+        import pyjokes  # type: ignore[import-not-found]  # noqa: F401
+    env = rm.env(name="jokes", reqs=["pyjokes==0.8.3"])
+    assert on_ray.runtime_env_for(env)["pip"] == ["pyjokes==0.8.3"]
+    remote = rm.function(joke_package).to(on_ray, env=env)
+    try:
+        version, path = remote()
+    finally:
+        on_ray.stop_servlet(remote.servlet)
+    assert version == "0.8.3"
+    assert "runtime_resources" in path  # Ray's runtime_env, not this interpreter's site-packages
+
+
+@pytest.mark.allow_leaks
+def test_removing_a_node_mid_map_loses_no_input(nodes: RayTestCluster, on_ray: RayCluster) -> None:
+    target = rm.function(slow_where).to(on_ray, env=rm.env(name="survivor", compute={"CPU": 1}))
+    with rm.mapper(target, num_replicas=3) as mapper:
+        servlets = [r.servlet for r in mapper.replicas]
+        victim = next(n for n in nodes.worker_nodes if n.node_id in {s.node_id for s in servlets})  # type: ignore[attr-defined]
+        lost = [s for s in servlets if s.node_id == victim.node_id]  # type: ignore[attr-defined]
+        results = []
+        for i, result in enumerate(mapper.imap(range(400), progress=False, chunksize=2)):
+            results.append(result)
+            if i == 100:
+                nodes.remove_node(victim)
+        assert [x for x, _, _ in results] == list(range(400))
+        assert all(not s.is_alive() for s in lost)
+        assert "node" in lost[0].exit_reason()
+        # The replacement goes where CPUs are left: 2 + 1 on the surviving nodes.
+        assert _wait_until(lambda: mapper.num_replicas == 3, timeout=30)
+        assert victim.node_id not in {r.servlet.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
+    on_ray.stop_servlet(target.servlet)
