@@ -22,7 +22,7 @@ import queue
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -238,6 +238,18 @@ class Mapper:
         """Results as they complete, in any order."""
         mode, items, total = _zip(iterables)
         return self._run(mode, items, total, _options(options), ordered=False)
+
+    async def amap(self, *iterables: Iterable[Any], **options: Any) -> list[Any]:
+        """``await`` form of :meth:`map`, for asyncio code and notebooks' top-level await."""
+        from runmap.mapper import aio
+
+        return await aio.amap(self, *iterables, **options)
+
+    def aimap(self, *iterables: Iterable[Any], **options: Any) -> AsyncIterator[Any]:
+        """``async for`` form of :meth:`imap`; cancelling the task stops the map."""
+        from runmap.mapper import aio
+
+        return aio.aimap(self, *iterables, **options)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """One call on the next free replica."""
