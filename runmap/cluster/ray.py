@@ -104,8 +104,7 @@ def _servlet_actor() -> Any:
     if _actor_class is None:
         import ray
 
-        # Threaded, so a ping is answered while another actor method runs.
-        _actor_class = ray.remote(max_concurrency=4, max_restarts=0)(_ServletActor)
+        _actor_class = ray.remote(_ServletActor)
     return _actor_class
 
 
@@ -127,7 +126,9 @@ def _translate(what: str, replica: str | None = None, died: type[Exception] = Re
     try:
         yield
     except rex.RuntimeEnvSetupError as exc:
-        raise ClusterError(f"{what}: Ray could not set up the replica's runtime_env (reqs, working_dir): {exc}") from exc
+        raise ClusterError(
+            f"{what}: Ray could not set up the replica's runtime_env (reqs, working_dir): {exc}"
+        ) from exc
     except rex.ActorUnschedulableError as exc:
         raise AllocationError(f"{what}: {exc}") from exc
     except rex.RayActorError as exc:
@@ -336,7 +337,9 @@ class RayCluster(Cluster):
 
     def actor_options(self, env: Env) -> dict[str, Any]:
         """The Ray actor options of one replica of ``env``."""
-        options: dict[str, Any] = {"num_cpus": 0, "resources": {}}
+        # Threaded (max_concurrency), so a ping is answered while another actor method
+        # runs; never restarted by Ray: a restarted actor would be an empty servlet.
+        options: dict[str, Any] = {"num_cpus": 0, "resources": {}, "max_concurrency": 4, "max_restarts": 0}
         for key, amount in env.compute.items():
             if key in _RESERVED:
                 options[_RESERVED[key]] = amount
@@ -469,7 +472,9 @@ def _connect(cluster: RayCluster, address: str | None, num_cpus: int | None, ini
             init_options.setdefault("num_cpus", num_cpus)
         init_options.setdefault("log_to_driver", True)
         with _translate(f"could not {'start' if address is None else 'join'} Ray for cluster {cluster.name!r}"):
-            ray.init(address=address, **init_options)
+            # "local": a Ray of this process's own, even if RAY_ADDRESS or a `ray start`
+            # on this machine would make a bare ray.init() join another.
+            ray.init(address=address or "local", **init_options)
         _ray_users.add(id(cluster))
         _ray_started_by_runmap = address is None
         return _ray_started_by_runmap

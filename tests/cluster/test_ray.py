@@ -10,6 +10,7 @@ last, since it leaves the cluster with one worker fewer.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,29 @@ def test_local_ray_runs_a_servlet_in_an_actor_and_shuts_down() -> None:
         cluster.close()
     assert not ray.is_initialized()
     assert _wait_until(lambda: not (_children() - before)), "Ray left processes behind"
+
+
+LEFT_OPEN = """
+import json, os, psutil, runmap as rm
+cluster = rm.cluster("ray", num_cpus=1, init_options={"include_dashboard": False, "log_to_driver": False})
+assert rm.function(os.getpid).to(cluster, env=rm.env(name="left"))() > 0
+print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]))
+"""
+
+
+def test_a_cluster_left_open_ends_with_its_client() -> None:
+    done = subprocess.run([sys.executable, "-c", LEFT_OPEN], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ray_pids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ray_pids
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    assert _wait_until(lambda: all(gone(pid) for pid in ray_pids), timeout=20), "Ray outlived its client"
 
 
 # ----------------------------------------------- a head and two worker nodes
