@@ -21,11 +21,11 @@ import concurrent.futures
 import itertools
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
@@ -120,7 +120,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _batched(zip(*iterables), chunksize)
+        chunks = _batched(zip(*iterables, strict=False), chunksize)
         results = super().map(partial(_apply_chunk, fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 

@@ -90,8 +90,7 @@ def test_bad_options_raise_at_once(mapper: rm.Mapper) -> None:
 def test_breaking_out_early_stops_the_worker(mapper: rm.Mapper) -> None:
     async def main() -> float:
         results = mapper.aimap(range(1000), progress=False)
-        async for first in results:
-            break
+        first = await anext(results)
         await results.aclose()  # type: ignore[attr-defined]
         return first
 

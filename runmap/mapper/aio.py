@@ -96,7 +96,9 @@ class _Worker:
         with self._lock:
             if self._interruptible and not self._interrupted and self._thread.ident is not None:
                 self._interrupted = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident), ctypes.py_object(_Interrupt))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self._thread.ident), ctypes.py_object(_Interrupt)
+                )
 
     # ------------------------------------------------------- worker thread
 
