@@ -10,12 +10,23 @@ cloudpickle on small objects; cloudpickle takes over for what pickle cannot
 handle (lambdas, closures, classes and functions defined in ``__main__`` or a
 notebook, which must travel by value). When neither can pickle a chunk, each
 item is tried alone so that the error names the one that failed.
+
+Large bytes inputs and results (``OUT_OF_BAND_MIN`` and up, at the top level
+of a chunk) travel as pickle protocol 5 out-of-band buffers: the pickle holds
+only their place, and the wire frame is the pickle followed by the buffers::
+
+    b"RMOB" | count (4 bytes) | pickle length, buffer lengths (8 bytes each) | pickle | buffers
+
+Building that frame copies each buffer once; an in-band pickle of a 10 MB
+bytes object copies it two or three times as its output grows, and the
+``__main__`` check below would scan it all.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import struct
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +41,12 @@ PROTOCOL = 5
 # values instead of 1-tuples, which saves two opcodes per item on the wire.
 SINGLE = 1
 STAR = 2
+
+OUT_OF_BAND_MIN = 256 << 10
+FRAME_MAGIC = b"RMOB"  # can't start a pickle: protocol 2+ pickles start with b"\x80"
+_COUNT = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
+_BYTES_LIKE = (bytes, bytearray)
 
 _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError)
 
@@ -50,8 +67,71 @@ def dumps(obj: Any) -> bytes:
     return data
 
 
-def loads(data: bytes | memoryview) -> Any:
+def loads(data: bytes | bytearray | memoryview) -> Any:
+    if data[:4] == FRAME_MAGIC:
+        return _loads_frame(memoryview(data))
     return pickle.loads(data)
+
+
+class _OutOfBand:
+    """Stands for a large bytes-like object in a pickle; its buffer goes out of band."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: bytes | bytearray) -> None:
+        self.obj = obj
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # Rebuilt as its own type; bytes(buffer) is the one copy on the receiving side.
+        return (type(self.obj), (pickle.PickleBuffer(self.obj),))
+
+
+def _has_large_buffers(items: list[Any]) -> bool:
+    # Looks at the first item only, so a chunk of a million ints pays nothing;
+    # a chunk whose first item is small goes in band, which is correct, only slower.
+    first = items[0] if items else None
+    if isinstance(first, tuple) and first:
+        first = first[0]
+    return isinstance(first, _BYTES_LIKE) and len(first) >= OUT_OF_BAND_MIN
+
+
+def _wrap(value: Any) -> Any:
+    if isinstance(value, _BYTES_LIKE) and len(value) >= OUT_OF_BAND_MIN:
+        return _OutOfBand(value)
+    if type(value) is tuple and any(isinstance(v, _BYTES_LIKE) for v in value):
+        return tuple(_wrap(v) for v in value)
+    return value
+
+
+def dumps_out_of_band(obj: Any) -> bytes:
+    """Like :func:`dumps`, with :class:`_OutOfBand` values' buffers in a frame after the pickle."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        if b"__main__" in data:
+            raise pickle.PicklingError("by value")
+    except Exception:
+        buffers.clear()
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    if not buffers:
+        return data
+    views = [b.raw() for b in buffers]
+    head = FRAME_MAGIC + _COUNT.pack(len(views)) + b"".join(_LENGTH.pack(n) for n in [len(data), *map(len, views)])
+    return b"".join([head, data, *views])
+
+
+def _loads_frame(view: memoryview) -> Any:
+    (count,) = _COUNT.unpack_from(view, 4)
+    pos = 8
+    lengths = [_LENGTH.unpack_from(view, pos + 8 * i)[0] for i in range(count + 1)]
+    pos += 8 * (count + 1)
+    parts = []
+    for n in lengths:
+        parts.append(view[pos : pos + n])
+        pos += n
+    if pos != len(view):
+        raise pickle.UnpicklingError(f"a frame of {len(view)} bytes declares {pos}")
+    return pickle.loads(parts[0], buffers=parts[1:])
 
 
 def first_unpicklable(items: list[Any]) -> tuple[int, BaseException] | None:
@@ -74,6 +154,8 @@ def dump_call(mode: int, items: list[Any], kwargs: dict[str, Any] | None, base_i
         SerializationError: with ``side="argument"`` and the input's index.
     """
     try:
+        if _has_large_buffers(items):
+            return dumps_out_of_band((mode, [_wrap(x) for x in items], kwargs or None))
         return dumps((mode, items, kwargs or None))
     except Exception as exc:
         bad = first_unpicklable(items)
@@ -89,7 +171,7 @@ def dump_call(mode: int, items: list[Any], kwargs: dict[str, Any] | None, base_i
         ) from item_exc
 
 
-def load_call(data: bytes | memoryview) -> tuple[int, list[Any], dict[str, Any] | None]:
+def load_call(data: bytes | bytearray | memoryview) -> tuple[int, list[Any], dict[str, Any] | None]:
     mode, items, kwargs = loads(data)
     return mode, items, kwargs
 
@@ -148,7 +230,11 @@ def dump_outcome(outcome: Outcome) -> bytes:
     """Serializes an outcome; a result that can't be pickled becomes that input's error."""
     while True:
         try:
-            return dumps((outcome.results, _errors_to_wire(outcome.errors), outcome.duration))
+            results = outcome.results
+            if _has_large_buffers(results):
+                results = [_wrap(x) for x in results]
+                return dumps_out_of_band((results, _errors_to_wire(outcome.errors), outcome.duration))
+            return dumps((results, _errors_to_wire(outcome.errors), outcome.duration))
         except Exception as exc:
             bad = first_unpicklable(outcome.results)
             if bad is None:
@@ -169,7 +255,7 @@ def _errors_to_wire(errors: dict[int, ErrorInfo]) -> dict[int, tuple[bytes | Non
     return {i: (e.exc, e.type_name, e.message, e.tb) for i, e in errors.items()}
 
 
-def load_outcome(data: bytes | memoryview) -> Outcome:
+def load_outcome(data: bytes | bytearray | memoryview) -> Outcome:
     results, errors, duration = loads(data)
     wire = errors or {}
     return Outcome(results, {i: ErrorInfo(*e) for i, e in wire.items()}, duration)

@@ -1,0 +1,119 @@
+"""The HTTP channel and the wire format: large payloads, reuse, errors."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+
+import pytest
+
+import runmap as rm
+from runmap import serialization as ser
+from runmap.transport.http import HTTPChannel
+
+TEN_MB = 10 << 20
+
+
+def echo(x):  # type: ignore[no-untyped-def]
+    return x
+
+
+def size_and_tail(x: bytes, y: bytearray) -> tuple[int, int, bytes, bytes]:
+    return len(x), len(y), x[-3:], bytes(y[-3:])
+
+
+class Store:
+    def __init__(self) -> None:
+        self.blob = b""
+
+    def put(self, blob: bytes) -> int:
+        self.blob = blob
+        return len(blob)
+
+    def get(self) -> bytes:
+        return self.blob
+
+
+def _blob(n: int, seed: int = 7) -> bytes:
+    return bytes((i * seed) & 0xFF for i in range(256)) * (n // 256)
+
+
+def test_a_10_mb_argument_and_result_arrive_intact(cluster: rm.LocalCluster) -> None:
+    remote_echo = rm.function(echo).to(cluster)
+    blob = _blob(TEN_MB)
+    back = remote_echo(blob)
+    assert type(back) is bytes
+    assert back == blob
+
+
+def test_large_payloads_keep_their_types_in_a_map(cluster: rm.LocalCluster) -> None:
+    blob, arr = _blob(TEN_MB, 3), bytearray(_blob(1 << 20, 5))
+    with rm.mapper(rm.function(size_and_tail).to(cluster)) as mapper:
+        (out,) = mapper.map([blob], [arr], progress=False)
+        assert out == (TEN_MB, 1 << 20, blob[-3:], bytes(arr[-3:]))
+        results = mapper.map([blob, b"small", blob], [arr, bytearray(b"ab"), arr], progress=False)
+        assert [r[0] for r in results] == [TEN_MB, 5, TEN_MB]
+
+
+def test_a_remote_instance_keeps_a_large_value(cluster: rm.LocalCluster) -> None:
+    store = rm.module(Store).to(cluster)()
+    blob = _blob(3 << 20)
+    assert store.put(blob) == len(blob)
+    assert store.get() == blob
+    assert store.get() == blob  # the same connection, reused after a large response
+
+
+def test_large_values_travel_out_of_band() -> None:
+    blob = _blob(ser.OUT_OF_BAND_MIN)
+    frame = ser.dump_call(ser.SINGLE, [blob, 1], None)
+    assert frame[:4] == ser.FRAME_MAGIC
+    assert len(frame) < len(blob) + 1024
+    mode, items, kwargs = ser.load_call(bytearray(frame))  # the channel hands over a bytearray
+    assert (mode, items[1], kwargs) == (ser.SINGLE, 1, None)
+    assert type(items[0]) is bytes and items[0] == blob
+
+    outcome = ser.load_outcome(memoryview(ser.dump_outcome(ser.Outcome([blob, None]))))
+    assert outcome.results == [blob, None]
+
+
+def test_small_values_stay_plain_pickles() -> None:
+    frame = ser.dump_call(ser.SINGLE, [b"x" * 100, 2], None)
+    assert frame[:2] == b"\x80\x05"
+    assert ser.load_call(frame) == (ser.SINGLE, [b"x" * 100, 2], None)
+
+
+def test_a_truncated_frame_is_refused() -> None:
+    frame = ser.dump_call(ser.SINGLE, [_blob(ser.OUT_OF_BAND_MIN)], None)
+    with pytest.raises(pickle.UnpicklingError):
+        ser.load_call(frame[:-10])
+
+
+def test_the_channel_reconnects_after_the_servlet_dropped_an_idle_connection(cluster: rm.LocalCluster) -> None:
+    remote_echo = rm.function(echo).to(cluster)
+    servlet = remote_echo.servlet
+    channel = HTTPChannel(servlet.host, servlet.port, cluster.token, servlet.name)  # type: ignore[attr-defined]
+    try:
+        payload = ser.dump_call(ser.STAR, [(41,)], None)
+        assert ser.load_outcome(channel.call(remote_echo.module_name, None, payload)).results == [41]
+        assert channel._sock is not None
+        channel._sock.shutdown(socket.SHUT_RDWR)  # as if the idle connection had been closed under us
+        assert ser.load_outcome(channel.call(remote_echo.module_name, None, payload)).results == [41]
+    finally:
+        channel.close()
+
+
+def test_errors_come_back_as_runmap_errors(cluster: rm.LocalCluster) -> None:
+    remote_echo = rm.function(echo).to(cluster)
+    servlet = remote_echo.servlet
+    channel = HTTPChannel(servlet.host, servlet.port, cluster.token, servlet.name)  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(rm.ProtocolError) as info:
+            channel.call("no-such-module", None, ser.dump_call(ser.STAR, [()], None))
+        assert info.value.status == 404
+        with pytest.raises(rm.SerializationError):
+            channel.call(remote_echo.module_name, None, b"\x80\x05garbage")
+        # The connection is still good after a refused request.
+        payload = ser.dump_call(ser.STAR, [("ok",)], None)
+        assert ser.load_outcome(channel.call(remote_echo.module_name, None, payload)).results == ["ok"]
+    finally:
+        channel.close()
