@@ -29,6 +29,7 @@ from typing import Any
 
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
+from runmap.exceptions import ReplicaDiedError
 from runmap.mapper.mapper import Mapper
 
 EXTRA_QUEUED_CALLS = 1  # calls handed to the Mapper beyond its slots, so no slot waits for the next one
@@ -77,7 +78,7 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._pending: deque[_WorkItem] = deque()
         self._outstanding: set[Future[Any]] = set()  # pending or running, for shutdown(wait=True)
-        self._inflight = 0
+        self._running: set[Future[Any]] = set()  # handed to the Mapper, not yet settled
         self._dispatching = False
         self._shutdown = False
         self._closer: threading.Thread | None = None
@@ -166,6 +167,11 @@ class Executor(concurrent.futures.Executor):
             self._pending.clear()
         _cancel(cancelled)
         self._mapper.close()
+        # A call the Mapper had queued but not started gets no outcome once it is closed.
+        with self._lock:
+            unsettled = list(self._running)
+        for future in unsettled:
+            self._settle(future, ReplicaDiedError("the Executor's replicas were terminated before the call ran"), None)
 
     # ------------------------------------------------------------- internals
 
@@ -177,13 +183,13 @@ class Executor(concurrent.futures.Executor):
             self._dispatching = True
         while True:
             with self._lock:
-                if not self._pending or self._inflight >= self._limit:
+                if not self._pending or len(self._running) >= self._limit:
                     self._dispatching = False
                     return
                 item = self._pending.popleft()
                 if not item.future.set_running_or_notify_cancel():
                     continue  # cancelled while pending
-                self._inflight += 1
+                self._running.add(item.future)
             try:
                 inner = self._mapper.submit(item.fn, item.args, item.kwargs)
             except BaseException as exc:  # unpicklable argument, closed Mapper
@@ -198,7 +204,9 @@ class Executor(concurrent.futures.Executor):
 
     def _settle(self, future: Future[Any], exc: BaseException | None, result: Any) -> None:
         with self._lock:
-            self._inflight -= 1
+            if future not in self._running:
+                return  # settled already, by terminate_workers
+            self._running.discard(future)
         if exc is not None:
             future.set_exception(exc)
         else:

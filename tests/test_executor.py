@@ -136,3 +136,20 @@ def test_shutdown_without_wait_finishes_accepted_calls() -> None:
         executor.submit(slow_identity, 0)
     assert [f.result(timeout=30) for f in futures] == [0.2] * 3
     # the replicas end once those calls are done: the no-leak fixture checks it
+
+
+def test_terminate_workers_ends_everything_now() -> None:
+    executor = rm.Executor(num_replicas=1)
+    futures = [executor.submit(slow_identity, 5.0) for _ in range(3)]  # running, handed over, pending
+    time.sleep(0.3)
+    started = time.monotonic()
+    executor.terminate_workers()
+    _, not_done = concurrent.futures.wait(futures, timeout=5)
+    assert not not_done and time.monotonic() - started < 4
+    assert futures[2].cancelled()
+    for future in futures[:2]:
+        with pytest.raises(rm.ReplicaDiedError):
+            future.result()
+    with pytest.raises(RuntimeError):
+        executor.submit(slow_identity, 0)
+    executor.shutdown()
