@@ -73,7 +73,7 @@ class Ray:
     def __enter__(self) -> Any:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         self.ray = ray
         return ray
 
