@@ -131,6 +131,8 @@ def _translate(what: str, replica: str | None = None, died: type[Exception] = Re
         ) from exc
     except rex.ActorUnschedulableError as exc:
         raise AllocationError(f"{what}: {exc}") from exc
+    except rex.ActorUnavailableError as exc:  # may come back: not known to be dead
+        raise ClusterError(f"{what}: {exc}") from exc
     except rex.RayActorError as exc:
         message = f"{what}: {_summary(str(exc))}"
         raise (ReplicaDiedError(message, replica) if died is ReplicaDiedError else died(message)) from exc
@@ -326,6 +328,7 @@ class RayCluster(Cluster):
         self.allocation_timeout = allocation_timeout
         self.max_body = max_body
         self._actors: list[Any] = []
+        self._uploads: dict[str, dict[str, Any]] = {}
         self._released = False
         try:
             self.started_ray = _connect(self, address, num_cpus, dict(init_options or {}))
@@ -372,6 +375,9 @@ class RayCluster(Cluster):
 
     def _launch(self, env: Env) -> RayServlet:
         options = self.actor_options(env)
+        if "runtime_env" in options:
+            with _translate(f"the files of replica {env.name!r} could not be uploaded to Ray", died=ClusterError):
+                options["runtime_env"] = self._uploaded(options["runtime_env"])
         client_path = [os.path.abspath(p) for p in sys.path if p]
         with _translate(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
             actor = _servlet_actor().options(**options).remote(env.name, self.token, client_path, self.max_body)
@@ -384,6 +390,30 @@ class RayCluster(Cluster):
             self._forget_actor(actor)
             raise
         return RayServlet(env.name, env, self, host, port, actor, pid, node_id)
+
+    def _uploaded(self, runtime_env: dict[str, Any]) -> dict[str, Any]:
+        """``runtime_env`` with its local ``working_dir`` and ``py_modules`` uploaded to Ray.
+
+        Ray takes local directories only in ``ray.init``'s job-wide runtime_env;
+        an actor's must name packages already in the cluster. So runmap uploads
+        them the way ``ray.init`` does, once per directory for this cluster: every
+        replica of a map runs the same files.
+        """
+        local: dict[str, Any] = {
+            key: runtime_env[key]
+            for key in ("working_dir", "py_modules")
+            if key in runtime_env and not _is_uri_only(runtime_env[key])
+        }
+        if not local:
+            return runtime_env
+        cache_key = repr(sorted(local.items()))
+        with self._lock:
+            cached = self._uploads.get(cache_key)
+        if cached is None:
+            cached = _upload(dict(local))
+            with self._lock:
+                self._uploads[cache_key] = cached
+        return {**runtime_env, **cached}
 
     def _wait_started(self, env: Env, actor: Any) -> tuple[str, int, int, str]:
         """Waits for the actor's servlet, bounded by the allocation and start timeouts."""
@@ -492,6 +522,33 @@ def _disconnect(cluster: RayCluster) -> None:
         _ray_started_by_runmap = False
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _is_uri_only(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(isinstance(v, str) and "://" in v for v in values)
+
+
+def _upload(local: dict[str, Any]) -> dict[str, Any]:
+    """Uploads local directories the way ``ray.init`` does for a job; returns their URIs.
+
+    This leans on Ray's own (private) upload helpers, the only way to give one
+    actor files of its own; their signatures changed across Ray versions.
+    """
+    import inspect
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    with tempfile.TemporaryDirectory(prefix="runmap-upload-") as scratch:
+        for upload in (upload_py_modules_if_needed, upload_working_dir_if_needed):
+            kwargs: dict[str, Any] = {"scratch_dir": scratch}
+            if "include_gitignore" in inspect.signature(upload).parameters:
+                kwargs["include_gitignore"] = True
+            local = upload(local, **kwargs)
+    local.pop("excludes", None)
+    return local
 
 
 def _alive_nodes() -> list[dict[str, Any]]:

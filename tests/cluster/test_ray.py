@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +51,12 @@ def where(x: int) -> tuple[int, str, str]:
 def slow_where(x: int) -> tuple[int, str, str]:
     time.sleep(0.03)
     return where(x)
+
+
+def env_and_import() -> tuple[str, str, str]:
+    import helper_in_working_dir  # type: ignore[import-not-found]
+
+    return os.environ["RUNMAP_TEST_COLOR"], os.getcwd(), helper_in_working_dir.WORD
 
 
 def joke_package() -> tuple[str, str]:
@@ -190,10 +197,48 @@ def test_five_replicas_spread_over_all_three_nodes(nodes: RayTestCluster, on_ray
 
 
 @pytest.mark.allow_leaks
+def test_compute_and_env_fields_become_actor_options(on_ray: RayCluster, tmp_path: Any) -> None:
+    env = rm.env(
+        name="full",
+        compute={"CPU": 0.5, "GPU": 1, "memory": 2**30, "slot": 1},
+        reqs=["pyjokes==0.8.3"],
+        env_vars={"A": "1"},
+        working_dir=tmp_path,
+    )
+    options = on_ray.actor_options(env)
+    assert (options["num_cpus"], options["num_gpus"], options["memory"]) == (0.5, 1, 2**30)
+    assert options["resources"] == {"slot": 1}
+    assert options["runtime_env"] == {"pip": ["pyjokes==0.8.3"], "env_vars": {"A": "1"}, "working_dir": str(tmp_path)}
+    assert options["scheduling_strategy"] == "SPREAD" and options["max_restarts"] == 0
+    assert on_ray.actor_options(rm.env(name="bare"))["num_cpus"] == 0  # nothing asked, nothing reserved
+    with pytest.raises(rm.ConfigError, match="not a directory"):
+        on_ray.actor_options(rm.env(name="nowhere", working_dir=tmp_path / "missing"))
+
+
+@pytest.mark.allow_leaks
+def test_env_vars_and_working_dir_reach_the_actor(on_ray: RayCluster, tmp_path: Any) -> None:
+    (tmp_path / "helper_in_working_dir.py").write_text("WORD = 'uploaded'\n")
+    env = rm.env(name="dirs", env_vars={"RUNMAP_TEST_COLOR": "teal"}, working_dir=tmp_path)
+    remote = rm.function(env_and_import).to(on_ray, env=env)
+    try:
+        color, cwd, word = remote()
+    finally:
+        on_ray.stop_servlet(remote.servlet)
+    assert (color, word) == ("teal", "uploaded")
+    assert cwd != str(tmp_path)  # Ray's copy of the directory, on the node
+
+
+@pytest.mark.allow_leaks
 def test_a_killed_actor_is_a_dead_replica(on_ray: RayCluster) -> None:
     target = rm.function(where).to(on_ray, env=rm.env(name="doomed"))
     servlet = target.servlet
     assert isinstance(servlet, RayServlet) and servlet.is_alive()
+    # Calls to a replica on another node notice that node vanishing: TCP keepalive is on.
+    channel = servlet.open_channel()
+    channel.info()
+    sock = getattr(channel, "_sock", None) or channel._conn.sock  # type: ignore[attr-defined]
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    channel.close()
     ray.kill(servlet.actor)
     assert _wait_until(lambda: not servlet.is_alive())
     assert "killed" in servlet.exit_reason()
