@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from runmap import serialization as ser
 from runmap.envs.env import Env
@@ -47,7 +48,9 @@ def _resolve_cluster(cluster: Cluster | None) -> Cluster:
     return cluster
 
 
-def _single_call(servlet: Servlet, module: str, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _single_call(
+    servlet: Servlet, module: str, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     payload = ser.dump_call(ser.STAR, [args], kwargs)
     outcome = ser.load_outcome(servlet.channel().call(module, method, payload))
     if outcome.errors:

@@ -18,11 +18,19 @@ LEAK_GRACE_SECONDS = 10.0
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    }
 
 
 def _threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if not t.name.startswith(_LONG_LIVED_THREADS) and type(t).__name__ != "TMonitor"}
+    return {
+        t
+        for t in threading.enumerate()
+        if not t.name.startswith(_LONG_LIVED_THREADS) and type(t).__name__ != "TMonitor"
+    }
 
 
 @pytest.fixture(autouse=True)

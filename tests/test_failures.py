@@ -206,7 +206,8 @@ def test_checkpoint_resumes_only_what_did_not_complete(tmp_path) -> None:  # typ
         first = _read(log)
         assert "60" in first
         os.remove(log)
-        results = mapper.map(range(100), kwargs={"log": log, "fail_at": None}, chunksize=1, checkpoint=db, progress=False)
+        options = {"chunksize": 1, "checkpoint": db, "progress": False}
+        results = mapper.map(range(100), kwargs={"log": log, "fail_at": None}, **options)
         second = [int(x) for x in _read(log)]
     assert results == [x * 10 for x in range(100)]
     assert 60 in second and all(x >= 60 for x in second), sorted(second)
@@ -250,7 +251,8 @@ def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[
     time.sleep(1.5)  # the orphaned servlets notice and exit
     log.unlink()
     with rm.mapper(logged, num_replicas=2) as mapper:
-        results = mapper.map(range(100), kwargs={"log": str(log), "fail_at": None}, chunksize=1, checkpoint=db, progress=False)
+        options = {"chunksize": 1, "checkpoint": db, "progress": False}
+        results = mapper.map(range(100), kwargs={"log": str(log), "fail_at": None}, **options)
     assert results == [x * 10 for x in range(100)]
     rerun = [int(x) for x in _read(str(log))]
     assert len(rerun) < 75, f"{len(rerun)} inputs ran again; at least 30 had completed"

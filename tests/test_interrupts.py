@@ -13,6 +13,7 @@ import time
 import psutil
 
 import runmap as rm
+from runmap.mapper.mapper import READ_AHEAD
 
 
 def double(x: int) -> int:
@@ -51,7 +52,9 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 
 def test_ctrl_c_returns_within_a_second_and_leaves_nothing() -> None:
-    client = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert client.stdout is not None and client.stderr is not None
     pids = json.loads(client.stdout.readline())
     time.sleep(1.0)  # the map is under way
@@ -107,3 +110,25 @@ def test_a_million_inputs_from_a_generator_keep_memory_flat() -> None:
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     grown_mb = (figures["peak_kb"] - figures["base_kb"]) / 1024
     assert grown_mb < 100, f"the client grew by {grown_mb:.0f} MB over a million inputs"
+
+
+def slow_first(x: int) -> int:
+    if x == 0:
+        time.sleep(1.5)
+    return x
+
+
+def test_a_slow_first_input_does_not_make_the_client_read_ahead_without_bound() -> None:
+    consumed = 0
+
+    def naturals():  # type: ignore[no-untyped-def]
+        nonlocal consumed
+        for n in itertools.count():
+            consumed += 1
+            yield n
+
+    with rm.mapper(slow_first, num_replicas=2) as mapper:
+        stream = mapper.imap(naturals(), chunksize=1, progress=False)
+        assert next(stream) == 0  # 1.5 s, while the other replica could have raced ahead
+        stream.close()  # type: ignore[attr-defined]
+    assert consumed <= 1 + READ_AHEAD * 2, consumed

@@ -10,6 +10,8 @@ from concurrent.futures import Future
 import pytest
 
 import runmap as rm
+from runmap.mapper.batching import MAX_CHUNK
+from runmap.mapper.mapper import READ_AHEAD
 
 
 def power(n: int) -> int:
@@ -146,11 +148,16 @@ def test_imap_is_lazy_over_an_endless_generator() -> None:
             n += 1
 
     with rm.mapper(power, num_replicas=2) as mapper:
-        stream = mapper.imap(naturals(), progress=False)
+        stream = mapper.imap(naturals(), chunksize=1, progress=False)
         first = [next(stream) for _ in range(5)]
         stream.close()  # type: ignore[attr-defined]
+        assert consumed <= 5 + READ_AHEAD * 2  # what was yielded, plus the read-ahead of two slots
+        consumed = 0
+        stream = mapper.imap(naturals(), progress=False)  # adaptive chunks grow, but stay bounded
+        assert [next(stream) for _ in range(5)] == first
+        stream.close()  # type: ignore[attr-defined]
     assert first == [power(n) for n in range(5)]
-    assert consumed < 1000
+    assert consumed <= READ_AHEAD * 2 * MAX_CHUNK
 
 
 def test_remote_exception_keeps_its_type_and_traceback() -> None:
@@ -196,3 +203,15 @@ def test_options_are_checked() -> None:
         rm.mapper(power, num_replicas=0)
     with pytest.raises(rm.RunmapError, match="closed"):
         mapper.map([1])
+
+
+def test_close_answers_every_pending_future() -> None:
+    from concurrent.futures import wait
+
+    mapper = rm.mapper(sleep_for, num_replicas=1)
+    futures = [mapper.submit(0.3) for _ in range(5)]
+    time.sleep(0.1)
+    mapper.close()
+    done, not_done = wait(futures, timeout=10)
+    assert not not_done
+    assert all(isinstance(f.exception(), rm.ReplicaDiedError) for f in futures[1:])

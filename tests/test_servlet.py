@@ -92,9 +92,10 @@ def test_servlets_end_when_the_client_dies(how: str) -> None:
     client.wait(30)
     client.stdout.close()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.1)
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     for p in alive:
         psutil.Process(p).kill()
     assert not alive, "a servlet outlived its client"

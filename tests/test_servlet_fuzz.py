@@ -40,7 +40,9 @@ def _bodies(module: str) -> st.SearchStrategy[bytes]:
         st.just(valid_call),
         st.binary(min_size=1, max_size=len(valid_call) - 1).map(lambda b: valid_call[: len(b)]),  # truncated
         st.sampled_from([pickle.dumps(x) for x in (None, 1, "x", (1, 2), [1], {"a": 1}, (1, [], None))]),
-        st.builds(lambda k, o: pickle.dumps((k, o, (), {})), st.sampled_from(["function", "class", "other"]), st.integers()),
+        st.builds(
+            lambda k, o: pickle.dumps((k, o, (), {})), st.sampled_from(["function", "class", "other"]), st.integers()
+        ),
     )
 
 
@@ -122,7 +124,11 @@ def test_with_the_token_garbage_gets_a_4xx(servlet, connection) -> None:  # type
     calls = st.sampled_from([f"/call/{module}/__call__", f"/call/{module}/__init__", f"/call/{module}/real"])
 
     @FUZZ_SETTINGS
-    @given(method=st.sampled_from(["POST", "PUT", "GET", "DELETE"]), path=st.one_of(calls, _paths(module)), body=_bodies(module))
+    @given(
+        method=st.sampled_from(["POST", "PUT", "GET", "DELETE"]),
+        path=st.one_of(calls, _paths(module)),
+        body=_bodies(module),
+    )
     def run(method: str, path: str, body: bytes) -> None:
         if method in ("DELETE", "PUT") and path == f"/modules/{module}":
             path = "/modules/fuzzed"  # keep the module the other examples aim at

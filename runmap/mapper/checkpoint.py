@@ -31,7 +31,8 @@ class Checkpoint:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS results (idx INTEGER PRIMARY KEY, input_hash TEXT NOT NULL, result BLOB NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS results"
+            " (idx INTEGER PRIMARY KEY, input_hash TEXT NOT NULL, result BLOB NOT NULL)"
         )
 
     @staticmethod

@@ -22,11 +22,11 @@ import queue
 import re
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable
+from typing import Any
 
 from runmap import logs
 from runmap import serialization as ser
@@ -34,14 +34,15 @@ from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
 from runmap.exceptions import ConfigError, RunmapError, SerializationError
 from runmap.mapper.batching import chunker
+from runmap.mapper.checkpoint import MISSING, Checkpoint
 from runmap.mapper.pool import Replica, ReplicaPool
 from runmap.mapper.progress import Progress
-from runmap.mapper.checkpoint import MISSING, Checkpoint
 from runmap.mapper.tasks import SPLIT, FutureSink, Sink, Task
 from runmap.module import Function, Module, Remote, RemoteClass, RemoteFunction, RemoteInstance, RemoteMethod
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
 POLL_SECONDS = 0.5
+READ_AHEAD = 16  # chunks a slot that may be read before the oldest is yielded
 
 
 @atexit.register
@@ -99,7 +100,7 @@ class Mapper:
             if num_replicas is not None and num_replicas != replicas:
                 raise ConfigError("replicas=<int> is num_replicas; give one of them")
             num_replicas, replicas = replicas, None
-        supplied = list(replicas or [])
+        supplied: list[Remote] = [] if replicas is None or isinstance(replicas, int) else list(replicas)
         for r in supplied:
             if not isinstance(r, Remote):
                 raise ConfigError(f"replicas must be remote modules (from .to()), not {type(r).__name__}")
@@ -263,7 +264,9 @@ class Mapper:
         self._pool.submit(Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout))
         return future
 
-    def _run(self, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool) -> Iterator[Any]:
+    def _run(
+        self, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool
+    ) -> Iterator[Any]:
         self._check_open()
         return _MapRun(self, mode, items, total, opts, ordered).results()
 
@@ -312,7 +315,9 @@ class _Failure:
 class _MapRun:
     """One map in progress: its input window, its sink, and its results in waiting."""
 
-    def __init__(self, mapper: Mapper, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool):
+    def __init__(
+        self, mapper: Mapper, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool
+    ) -> None:
         self.mapper = mapper
         self.pool = mapper._pool
         self.mode = mode
@@ -324,6 +329,7 @@ class _MapRun:
         slots = max(1, len(self.pool.alive) * mapper.concurrency)
         self.chunks = chunker(opts.chunksize, slots)
         self.window = 2 * slots
+        self.read_ahead = READ_AHEAD * slots
         self.sink = Sink()
         self.read = 0
         self.inflight = 0
@@ -364,7 +370,11 @@ class _MapRun:
                 self.checkpoint.close()
 
     def _fill(self) -> None:
-        while not self.exhausted and self.inflight < self.window:
+        # In flight: at most the window. Read but not yet yielded (in flight, or done
+        # and waiting behind a slow input): at most READ_AHEAD chunks a slot, so that
+        # other replicas keep busy behind a slow input, but memory stays bounded
+        # however long it takes.
+        while not self.exhausted and self.inflight < self.window and self.inflight + len(self.ready) < self.read_ahead:
             remaining = None if self.total is None else self.total - self.read
             batch = list(islice(self.items, self.chunks.next_size(remaining)))
             if not batch:
@@ -433,14 +443,18 @@ class _MapRun:
             results[i] = _Failure(exc)
         if self.checkpoint is not None:
             self.checkpoint.save(
-                [(task.start + i, self.hashes[task.start + i], r) for i, r in enumerate(results) if i not in outcome.errors]
+                [
+                    (task.start + i, self.hashes[task.start + i], r)
+                    for i, r in enumerate(results)
+                    if i not in outcome.errors
+                ]
             )
             self._forget(i for i in task.indexes if i - task.start not in retry)
         if not retry:
             self.ready[task.start] = results
             return task.count
         # Re-run the inputs whose user code raised a retryable error; file the rest in pieces.
-        for i, part in zip(range(task.count), task.split()):
+        for i, part in enumerate(task.split()):
             if i in retry:
                 self.retried[part.start] = self.retried.get(part.start, 0) + 1
                 self.inflight += 1
@@ -554,7 +568,7 @@ def _zip(iterables: tuple[Iterable[Any], ...]) -> tuple[int, Iterator[Any], int 
     total = None if None in lengths else min(lengths)  # type: ignore[type-var]
     if len(iterables) == 1:
         return ser.SINGLE, iter(iterables[0]), total
-    return ser.STAR, zip(*iterables), total
+    return ser.STAR, zip(*iterables), total  # noqa: B905 - zip stops at the shortest, as map does
 
 
 def _len(it: Any) -> int | None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from runmap import serialization as ser
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
@@ -284,6 +284,11 @@ class ReplicaPool:
             self._closing = True
             replicas = list(self.replicas)
         self.tasks.close()
+        # Work that never started must still get an answer: a future or a map
+        # waiting on it would otherwise wait forever.
+        closed = ReplicaDiedError("the Mapper was closed before this input ran")
+        for task in self.tasks.drain():
+            task.sink.failed(task, closed)
         for replica in replicas:
             for channel in list(replica.channels):
                 channel.abort()
