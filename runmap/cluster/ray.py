@@ -236,7 +236,9 @@ class RayServlet(HTTPServlet):
             return
         try:
             with _translate(f"the actor of {self.name} on {self.host}", self.name):
-                ray.get(self.actor.ping.remote(), timeout=PING_TIMEOUT)
+                serving = ray.get(self.actor.ping.remote(), timeout=PING_TIMEOUT)
+            if not serving:
+                self._death = f"the servlet thread in the actor of {self.name} on {self.host} ended"
         except ReplicaDiedError as exc:
             self._death = str(exc)
         except ClusterError:
