@@ -2,29 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test bench clean
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml
+# One stamp per set of extras: `base` is runmap alone, `test` adds everything the suite uses.
+$(VENV)/.installed-%: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -e ".$(if $(filter base,$*),,[$*])"
 	touch $@
 
-venv: $(VENV)/.installed-$(EXTRAS)
-
-demo:
-	$(MAKE) venv EXTRAS=test
+demo: $(VENV)/.installed-base
 	$(PY) examples/quickstart.py
 
-test:
-	$(MAKE) venv EXTRAS=test
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench:
-	$(MAKE) venv EXTRAS=test
-	$(PY) benchmarks/run.py
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
