@@ -125,7 +125,7 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
     for e in entries:
         for s in e.servlets:
             if s.pid is None or not _on_this_machine(e, s):
-                print(f"{e.name}/{s.name}: runs on a {e.kind} cluster elsewhere; close it from its client")
+                print(f"{e.name}/{s.name}: a {e.kind} servlet, not a process here; close its cluster from its client")
             elif not s.is_servlet_process():
                 print(f"{e.name}/{s.name}: pid {s.pid} is no longer a runmap servlet; left alone")
             elif _signal(s.pid, signal.SIGTERM):

@@ -157,3 +157,24 @@ def test_the_registry_forgets_clusters_whose_processes_are_gone(
 
 def test_uptime_reads_like_a_duration() -> None:
     assert [uptime(s) for s in (5, 75, 7300, 90000)] == ["5s", "1m15s", "2h01m", "1d01h"]
+
+
+def test_logs_follow_ends_when_the_replica_does(tmp_path: Path, client: subprocess.Popen[str]) -> None:
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "runmap.cli", "logs", "greeter", "-f"],
+        env={**os.environ, "RUNMAP_HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        while "hello from the replica, x=1" not in follower.stdout.readline():
+            pass
+        assert runmap_cmd(tmp_path, "down", "--all").returncode == 0
+        assert follower.wait(30) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        assert follower.stdout is not None
+        follower.stdout.close()
