@@ -168,8 +168,10 @@ def test_logs_follow_ends_when_the_replica_does(tmp_path: Path, client: subproce
     )
     try:
         assert follower.stdout is not None
-        while "hello from the replica, x=1" not in follower.stdout.readline():
-            pass
+        line = follower.stdout.readline()
+        while "hello from the replica, x=1" not in line:
+            assert line, "the log ended without the replica's line"
+            line = follower.stdout.readline()
         assert runmap_cmd(tmp_path, "down", "--all").returncode == 0
         assert follower.wait(30) == 0
     finally:
