@@ -25,7 +25,6 @@ from runmap.paths import runtime_dir
 
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL, as LocalCluster waits
 FOLLOW_POLL = 0.2
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +123,7 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
     signalled: list[registry.ServletEntry] = []
     for e in entries:
         for s in e.servlets:
-            if s.pid is None or not _on_this_machine(e, s):
+            if s.pid is None or not s.here:
                 print(f"{e.name}/{s.name}: a {e.kind} servlet, not a process here; close its cluster from its client")
             elif not s.is_servlet_process():
                 print(f"{e.name}/{s.name}: pid {s.pid} is no longer a runmap servlet; left alone")
@@ -141,10 +140,6 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
         ended = [s.name for s in signalled if s.cluster is e]
         print(f"{e.name}: ended {len(ended)} servlet(s){': ' + ', '.join(ended) if ended else ''}")
     return 0
-
-
-def _on_this_machine(cluster: registry.ClusterEntry, servlet: registry.ServletEntry) -> bool:
-    return cluster.kind == "local" or servlet.host in LOOPBACK
 
 
 def _signal(pid: int, sig: signal.Signals) -> bool:

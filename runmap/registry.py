@@ -10,9 +10,16 @@ start and stop, and removes it on close. Readers (``runmap status``) skip the
 servlets whose processes are gone and delete the files whose client and
 servlets are all gone, so a client killed with SIGKILL leaves nothing for long.
 
-    {"name": "local", "kind": "local", "pid": 4242, "started": 1718000000.0,
-     "servlets": [{"name": "power", "env": "power", "pid": 4250, "host": "127.0.0.1",
-                   "port": 41234, "started": 1718000001.2, "log": "/run/.../power.log"}]}
+    {"name": "local", "kind": "local", "pid": 4242, "pid_start": 81234, "here": true,
+     "started": 1718000000.0,
+     "servlets": [{"name": "power", "env": "power", "pid": 4250, "pid_start": 81302,
+                   "host": "127.0.0.1", "port": 41234, "started": 1718000001.2,
+                   "log": "/run/user/1000/runmap/logs/local/power.log"}]}
+
+A pid is recorded with its process's start time (``pid_start``, Linux), so a pid
+the system has given to another process since is not taken for the old one.
+``here`` says whether servlet pids are processes of this machine; servlets that
+are not (Ray actors on other nodes) are listed while their client lives.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ if TYPE_CHECKING:
     from runmap.cluster.base import Cluster
 
 SERVLET_COMMAND = "runmap.server"  # in the command line of every local servlet
+# Kinds whose servlet pids are processes of this machine. Other kinds' servlets
+# (Ray actors on other nodes) are taken to live as long as their client does.
+LOCAL_KINDS = ("local", "inprocess")
 
 
 
@@ -70,6 +80,7 @@ def update(cluster: Cluster) -> None:
             path = registry_dir() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
             record = _records[cluster] = _Record(path, now)
         started = record.servlets_started
+        here = cluster.kind in LOCAL_KINDS
         servlets = []
         for s in cluster.servlets:
             servlets.append(
@@ -77,6 +88,7 @@ def update(cluster: Cluster) -> None:
                     "name": s.name,
                     "env": s.env.origin,
                     "pid": s.pid,
+                    "pid_start": process_start(s.pid) if here and s.pid is not None else None,
                     "host": getattr(s, "host", None),
                     "port": getattr(s, "port", None),
                     "started": started.setdefault(s.name, now),
@@ -89,6 +101,8 @@ def update(cluster: Cluster) -> None:
             "name": cluster.name,
             "kind": cluster.kind,
             "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
+            "here": here,
             "started": record.started,
             "servlets": servlets,
         }
@@ -130,11 +144,19 @@ class ServletEntry:
     port: int | None
     started: float
     log: str | None
+    pid_start: int | None = None
     cluster: ClusterEntry | None = field(default=None, repr=False)
 
     @property
+    def here(self) -> bool:
+        """Whether :attr:`pid` is a process of this machine."""
+        return self.pid is not None and (self.cluster is None or self.cluster.here)
+
+    @property
     def alive(self) -> bool:
-        return self.pid is not None and pid_alive(self.pid)
+        if not self.here:
+            return self.cluster is not None and self.cluster.client_alive
+        return pid_alive(self.pid, self.pid_start)  # type: ignore[arg-type]
 
     def is_servlet_process(self) -> bool:
         """Whether the recorded pid is still a runmap servlet (and not a recycled pid)."""
@@ -149,10 +171,12 @@ class ClusterEntry:
     started: float
     servlets: list[ServletEntry]
     path: Path
+    pid_start: int | None = None
+    here: bool = True
 
     @property
     def client_alive(self) -> bool:
-        return pid_alive(self.pid)
+        return pid_alive(self.pid, self.pid_start)
 
 
 def load(clean: bool = True) -> list[ClusterEntry]:
@@ -171,6 +195,8 @@ def load(clean: bool = True) -> list[ClusterEntry]:
                 started=float(raw["started"]),
                 servlets=[],
                 path=path,
+                pid_start=raw.get("pid_start"),
+                here=bool(raw.get("here", True)),
             )
             for s in raw["servlets"]:
                 servlet = ServletEntry(**{k: s.get(k) for k in ServletEntry.__dataclass_fields__ if k != "cluster"})
@@ -187,8 +213,13 @@ def load(clean: bool = True) -> list[ClusterEntry]:
     return sorted(entries, key=lambda e: e.started)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie counts as gone)."""
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether ``pid`` is a running process (a zombie counts as gone).
+
+    With ``start`` (from :func:`process_start`), a process that got the pid since does not count.
+    """
+    if start is not None and process_start(pid) not in (None, start):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -200,6 +231,15 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc (macOS): trust kill(0)
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (Linux), to tell a recycled pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def command_line(pid: int) -> str:

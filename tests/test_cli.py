@@ -180,3 +180,27 @@ def test_logs_follow_ends_when_the_replica_does(tmp_path: Path, client: subproce
             follower.wait()
         assert follower.stdout is not None
         follower.stdout.close()
+
+
+def test_a_recycled_pid_is_not_taken_for_the_old_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNMAP_HOME", str(tmp_path))
+    start = registry.process_start(os.getpid())
+    if start is None:
+        pytest.skip("no /proc: process start times are unknown here")
+    entry = {"name": "old", "kind": "local", "pid": os.getpid(), "pid_start": start + 1, "started": 0.0, "servlets": []}
+    path = registry.registry_dir() / "old.json"
+    path.write_text(json.dumps(entry))
+    assert registry.load() == []
+    assert not path.exists()
+
+
+def test_servlets_elsewhere_are_listed_while_their_client_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNMAP_HOME", str(tmp_path))
+    servlet = {"name": "r", "env": "r", "pid": 1, "host": "10.0.0.7", "port": 9, "started": 0.0, "log": None}
+    entry = {"name": "far", "kind": "ray", "pid": os.getpid(), "here": False, "started": 0.0, "servlets": [servlet]}
+    (registry.registry_dir() / "far.json").write_text(json.dumps(entry))
+    [far] = registry.load()
+    assert [s.name for s in far.servlets] == ["r"]
+    assert not far.servlets[0].here
