@@ -24,7 +24,7 @@ from typing import Any
 
 # ------------------------------------------------------------------ workloads
 
-SPIN_LOOPS = 110_000  # about 20 ms of pure-Python CPU on this kind of machine
+SPIN_LOOPS = 200_000  # about 20 ms of pure-Python CPU on this kind of machine
 BLOB_MB = 10
 
 

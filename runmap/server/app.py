@@ -45,7 +45,9 @@ OCTET = b"application/octet-stream"
 JSON = b"application/json"
 DEFAULT_MAX_BODY = 1 << 30
 INLINE_MAX_SECONDS = 0.001  # a call this short runs on the loop: a thread hop would cost more than it
-INLINE_MIN_CPU_SHARE = 0.5  # ... if it spent at least this share of its time on the CPU
+INLINE_MIN_CPU_SHARE = 0.5  # ... if it spent at least this share of its time on the CPU,
+INLINE_ALWAYS_SECONDS = 0.0002  # or was so short that waiting in it can't matter (a busy machine
+# deschedules a 20 µs call now and then; that must not send it back to the threads)
 
 
 class ClientGone(Exception):
@@ -62,7 +64,9 @@ class CallPlacement:
         return self._inline.get(key, False)
 
     def record(self, key: tuple[str, str], wall: float, cpu: float) -> None:
-        self._inline[key] = wall < INLINE_MAX_SECONDS and cpu >= INLINE_MIN_CPU_SHARE * wall
+        self._inline[key] = wall < INLINE_ALWAYS_SECONDS or (
+            wall < INLINE_MAX_SECONDS and cpu >= INLINE_MIN_CPU_SHARE * wall
+        )
 
 
 def _timed(fn: Callable[..., bytes], *args: Any) -> tuple[bytes, float, float]:
@@ -112,6 +116,8 @@ def _segments(scope: Scope) -> list[str]:
     # raw_path keeps "%2F" inside a segment apart from the "/" between segments.
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
     raw = raw.split(b"?", 1)[0]
+    if b"%" not in raw:
+        return raw.decode("utf-8", "replace").split("/")[1:]
     return [unquote_to_bytes(p).decode("utf-8", "replace") for p in raw.split(b"/")[1:]]
 
 

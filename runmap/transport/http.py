@@ -31,7 +31,7 @@ from runmap.exceptions import (
 
 CONNECT_TIMEOUT = 10.0
 SMALL_BODY = 64 << 10  # up to this, head and body go out in one send (one segment, one wake-up)
-RECV_SIZE = 256 << 10
+RECV_SIZE = 64 << 10  # a reused receive buffer: no allocation (or mmap) per read
 MAX_HEAD = 64 << 10
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -48,7 +48,10 @@ class HTTPChannel:
             "Content-Type: application/octet-stream\r\n"
         ).encode()
         self._sock: socket.socket | None = None
+        self._timeout: float | None = None  # the socket's timeout now: setting it is a syscall
         self._buf = b""  # bytes received past the end of the last response
+        self._recv_buf = bytearray(RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buf)
         self._aborted = False
 
     # ------------------------------------------------------------ interface
@@ -90,6 +93,8 @@ class HTTPChannel:
         with self._translate(None):
             sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self._timeout = None
         self._buf = b""
         return sock
 
@@ -125,7 +130,9 @@ class HTTPChannel:
             len(body),
         )
         with self._translate(timeout):
-            sock.settimeout(timeout)
+            if timeout != self._timeout:
+                sock.settimeout(timeout)
+                self._timeout = timeout
             if len(body) <= SMALL_BODY:
                 sock.sendall(head + body)
             else:
@@ -146,10 +153,10 @@ class HTTPChannel:
         while end < 0:
             if len(buf) > MAX_HEAD:
                 raise ProtocolError(f"{self.replica} sent a response head over {MAX_HEAD} bytes", 502)
-            more = sock.recv(RECV_SIZE)
-            if not more:
+            n = sock.recv_into(self._recv_buf)
+            if not n:
                 raise ConnectionResetError("the servlet closed the connection")
-            buf += more
+            buf += self._recv_view[:n]
             end = buf.find(b"\r\n\r\n")
         self._buf = buf[end + 4 :]
         lines = buf[:end].split(b"\r\n")
