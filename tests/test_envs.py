@@ -13,14 +13,16 @@ import runmap as rm
 
 def humanize_version(_: object = None) -> tuple[str, str]:
     import humanize
+    import six
 
+    assert six.__version__ == "1.16.0", six.__version__  # the env's pin wins over the client's six
     return humanize.__version__, sys.prefix
 
 
 def test_reqs_are_installed_in_the_replica_only(cluster: rm.LocalCluster, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("RUNMAP_CACHE", str(tmp_path / "cache"))
     assert importlib.util.find_spec("humanize") is None, "the test needs a package the client lacks"
-    env = rm.env(name="with-reqs", reqs=["humanize==4.9.0"])
+    env = rm.env(name="with-reqs", reqs=["humanize==4.9.0", "six==1.16.0"])
     remote = rm.function(humanize_version).to(cluster, env=env)
     version, prefix = remote()
     assert version == "4.9.0"

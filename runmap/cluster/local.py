@@ -120,7 +120,7 @@ class LocalCluster(Cluster):
             "host": self.host,
             "port": 0,
             "max_body": self.max_body,
-            "sys_path": [p for p in sys.path if p],
+            "sys_path": client_sys_path(with_site_packages=not env.reqs),
         }
         child_env = {**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"}
         log_start = log.stat().st_size if log.exists() else 0  # stream this launch's lines only
@@ -159,6 +159,18 @@ class LocalCluster(Cluster):
         if self.stream_logs:
             logs.follow(servlet, log, log_start)
         return servlet
+
+
+def client_sys_path(with_site_packages: bool) -> list[str]:
+    """The client's ``sys.path`` for a servlet, so modules importable here import there.
+
+    An env with requirements gets it without the client's site-packages: its venv
+    reaches those already, *after* its own, so that the env's pins win.
+    """
+    paths = [p for p in sys.path if p]
+    if with_site_packages:
+        return paths
+    return [p for p in paths if os.path.basename(p) not in ("site-packages", "dist-packages")]
 
 
 def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, int] | None:
