@@ -117,8 +117,16 @@ class Mapper:
         self._closed = False
         self._lock = threading.Lock()
         self._helpers: list[threading.Thread] = []
+        self._early: list[Future[Any]] = []  # replicas' servlets started alongside the target's own
 
-        remote, self.method, owned, plain = _resolve_target(target, method, cluster, env)
+        extra = (num_replicas or os.cpu_count() or 1) - 1 - len(supplied)
+        try:
+            remote, self.method, owned, plain = _resolve_target(
+                target, method, cluster, env, lambda where, placed: self._start_early(where, placed, extra)
+            )
+        except BaseException:
+            self._stop_early()
+            raise
         self._prototype = remote
         if not stream_logs:
             logs.silence(remote, *supplied)
@@ -167,10 +175,34 @@ class Mapper:
             self._pool.add(r, owned=False)
         return list(n_or_list)
 
+    def _start_early(self, cluster: Cluster, env: Env, n: int) -> None:
+        """Starts ``n`` replicas' servlets while the target's own starts: in parallel, not after it."""
+        if n <= 0:
+            return
+        starter = ThreadPoolExecutor(max_workers=min(8, n), thread_name_prefix="runmap-start")
+        self._early = [starter.submit(cluster.start_servlet, cluster.replica_env(env)) for _ in range(n)]
+        starter.shutdown(wait=False)
+
+    def _stop_early(self) -> None:
+        """Stops the servlets started early that no replica took."""
+        with self._lock:
+            early, self._early = self._early, []
+        for future in early:
+            try:
+                servlet = future.result()
+            except BaseException:
+                continue
+            servlet.cluster.stop_servlet(servlet)
+
     def _create_replica(self) -> Remote:
         servlet0 = self._prototype.servlet
         cluster = servlet0.cluster
-        servlet = cluster.start_servlet(cluster.replica_env(servlet0.env))
+        with self._lock:
+            early = self._early.pop(0) if self._early else None
+        if early is not None:
+            servlet = early.result()
+        else:
+            servlet = cluster.start_servlet(cluster.replica_env(servlet0.env))
         try:
             return self._prototype.replicate(servlet)
         except BaseException:
@@ -290,6 +322,7 @@ class Mapper:
         owned = [r.remote.servlet for r in self._pool.replicas if r.owned]
         for servlet in owned:
             servlet.cluster.stop_servlet(servlet)
+        self._stop_early()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -509,7 +542,11 @@ def _localize(exc: BaseException, index: int, replica: str | None) -> BaseExcept
 
 
 def _resolve_target(
-    target: Any, method: str | None, cluster: Cluster | None, env: Env | None
+    target: Any,
+    method: str | None,
+    cluster: Cluster | None,
+    env: Env | None,
+    on_placing: Callable[[Cluster, Env], None] | None = None,
 ) -> tuple[Remote, str | None, bool, bool]:
     """(remote module, method, whether the Mapper owns its servlet, whether it was a plain callable)."""
     if isinstance(target, RemoteMethod):
@@ -534,6 +571,8 @@ def _resolve_target(
     where = cluster or default_cluster()
     base = env or Env(name=_env_name(fn))
     placed_env = where.unique_env(base)
+    if on_placing is not None:
+        on_placing(where, placed_env)
     remote = Function(fn).to(where, env=placed_env)
     return remote, None, True, True
 
