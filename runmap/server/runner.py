@@ -90,6 +90,7 @@ def main() -> None:
             proxy_headers=False,
             server_header=False,
             date_header=False,
+            ws="none",  # no websocket routes; "auto" would import websockets (~45 ms of every start)
         )
     )
 
