@@ -42,7 +42,8 @@ from runmap.transport.http import HTTPChannel
 
 START_TIMEOUT = 600.0  # installing a runtime_env's requirements can take minutes
 ALLOCATION_TIMEOUT = 60.0  # how long to wait for a node that fits before giving up
-PING_TIMEOUT = 2.0
+START_ATTEMPTS = 3  # placements of one replica whose node dies under it while it starts
+PING_TIMEOUT = 1.0
 ALIVE_CACHE_SECONDS = 0.25
 POLL_SECONDS = 0.2
 # A node that vanishes without closing its sockets (power loss, partition) is
@@ -97,6 +98,10 @@ class _ServletActor:
 
 
 _actor_class: Any = None
+
+
+class _LostBeforeStart(Exception):
+    """The actor died before its servlet started, and not of its own doing (its node died)."""
 
 
 def _servlet_actor() -> Any:
@@ -205,6 +210,7 @@ class RayServlet(HTTPServlet):
         self._death: str | None = None
         self._checked = 0.0
         self._check_lock = threading.Lock()
+        self._pending_cause: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -217,8 +223,10 @@ class RayServlet(HTTPServlet):
     def is_alive(self) -> bool:
         """Asks the actor (at most every ``ALIVE_CACHE_SECONDS``); a dead actor stays dead.
 
-        An actor that does not answer within ``PING_TIMEOUT`` counts as alive
-        until Ray says otherwise: its node may be slow, not gone.
+        Ray may take seconds to declare a lost node's actors dead. Meanwhile, an
+        actor that does not answer a ping is dead if its servlet's port refuses
+        connections (its process is gone), and alive otherwise: a slow node is
+        not a lost one.
         """
         if self.stopped or self._death is not None:
             return False
@@ -234,21 +242,39 @@ class RayServlet(HTTPServlet):
         if not ray.is_initialized():
             self._death = "Ray was shut down"
             return
+        ref = self.actor.ping.remote()
+        ready, _ = ray.wait([ref], timeout=PING_TIMEOUT)
+        if ready:
+            self._read_ping(ref)
+        elif not _listening(self.host, self.port):
+            self._death = f"{self.name} no longer listens at {self.host}:{self.port}: its process or node is gone"
+            self._pending_cause = ref  # Ray's own account, once it has one
+
+    def _read_ping(self, ref: Any) -> None:
+        import ray
+
         try:
             with _translate(f"the actor of {self.name} on {self.host}", self.name):
-                serving = ray.get(self.actor.ping.remote(), timeout=PING_TIMEOUT)
-            if not serving:
-                self._death = f"the servlet thread in the actor of {self.name} on {self.host} ended"
+                serving = ray.get(ref)
         except ReplicaDiedError as exc:
             self._death = str(exc)
         except ClusterError:
-            pass  # no answer yet: not known to be dead
+            pass  # not known to be dead
+        else:
+            if not serving:
+                self._death = f"the servlet thread in the actor of {self.name} on {self.host} ended"
 
     def exit_reason(self) -> str:
         if self.stopped:
             return "stopped by runmap"
         if self.is_alive():
             return "running"
+        import ray
+
+        pending = self._pending_cause
+        if pending is not None and ray.is_initialized() and ray.wait([pending], timeout=0)[0]:
+            self._pending_cause = None
+            self._read_ping(pending)  # replaces "no longer listens" with why, e.g. its node died
         return self._death or "gone"
 
     def _terminate(self) -> None:
@@ -256,6 +282,17 @@ class RayServlet(HTTPServlet):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "node_id": self.node_id}
+
+
+def _listening(host: str, port: int) -> bool:
+    """False only if ``host`` refuses connections to ``port``: nothing listens there any more."""
+    try:
+        with socket.create_connection((host, port), timeout=PING_TIMEOUT):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True  # unreachable or slow: not proof that the servlet is gone
 
 
 def _kill_actor(actor: Any) -> None:
@@ -381,17 +418,30 @@ class RayCluster(Cluster):
             with _translate(f"the files of replica {env.name!r} could not be uploaded to Ray", died=ClusterError):
                 options["runtime_env"] = self._uploaded(options["runtime_env"])
         client_path = [os.path.abspath(p) for p in sys.path if p]
-        with _translate(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
-            actor = _servlet_actor().options(**options).remote(env.name, self.token, client_path, self.max_body)
-        with self._lock:
-            self._actors.append(actor)
-        try:
-            with _translate(f"replica {env.name!r} did not start on Ray", died=ClusterError):
-                host, port, pid, node_id = self._wait_started(env, actor)
-        except BaseException:
-            self._forget_actor(actor)
-            raise
-        return RayServlet(env.name, env, self, host, port, actor, pid, node_id)
+        attempt = 1
+        while True:
+            with _translate(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
+                actor = _servlet_actor().options(**options).remote(env.name, self.token, client_path, self.max_body)
+            with self._lock:
+                self._actors.append(actor)
+            try:
+                with _translate(f"replica {env.name!r} did not start on Ray", died=ClusterError):
+                    host, port, pid, node_id = self._wait_started(env, actor)
+            except _LostBeforeStart as lost:
+                # Placed on a node that died before Ray knew it (a replacement for a
+                # replica lost with that node, typically): place it again.
+                self._forget_actor(actor)
+                self._check_open()  # killed by close(), not lost
+                if attempt >= START_ATTEMPTS:
+                    raise ClusterError(
+                        f"replica {env.name!r} was lost {attempt} times while starting on Ray; last: {lost}"
+                    ) from lost.__cause__
+                attempt += 1
+                continue
+            except BaseException:
+                self._forget_actor(actor)
+                raise
+            return RayServlet(env.name, env, self, host, port, actor, pid, node_id)
 
     def _uploaded(self, runtime_env: dict[str, Any]) -> dict[str, Any]:
         """``runtime_env`` with its local ``working_dir`` and ``py_modules`` uploaded to Ray.
@@ -420,6 +470,7 @@ class RayCluster(Cluster):
     def _wait_started(self, env: Env, actor: Any) -> tuple[str, int, int, str]:
         """Waits for the actor's servlet, bounded by the allocation and start timeouts."""
         import ray
+        import ray.exceptions as rex
 
         ref = actor.address.remote()
         installs = bool(set(self.runtime_env_for(env)) & _INSTALLING_KEYS)
@@ -427,7 +478,12 @@ class RayCluster(Cluster):
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
             if ready:
-                return ray.get(ref)  # type: ignore[no-any-return]
+                try:
+                    return ray.get(ref)  # type: ignore[no-any-return]
+                except rex.RayActorError as exc:
+                    if exc.actor_init_failed:
+                        raise  # the servlet itself could not start: trying again would not help
+                    raise _LostBeforeStart(_summary(str(exc))) from exc
             waited = time.monotonic() - started
             if self._closed:
                 raise ClusterError(f"cluster {self.name!r} was closed while {env.name!r} was starting")
