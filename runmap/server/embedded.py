@@ -116,4 +116,3 @@ def start_servlet(
             raise ClusterError(f"servlet {name!r} did not start: {reason}")
         time.sleep(0.01)
     return EmbeddedServlet(name, host, int(sock.getsockname()[1]), state, server, thread)
-
