@@ -34,8 +34,19 @@ def mapper() -> Iterator[rm.Mapper]:
         yield m
 
 
-def _aio_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("runmap-aio")]
+def _aio_threads(grace: float = 2.0) -> list[str]:
+    """The aio worker threads still alive after ``grace`` seconds.
+
+    A worker tells the event loop it exited just before its thread returns, so
+    the thread may outlive ``asyncio.run`` by a moment (longer on a loaded
+    machine, or once a large library such as Ray is imported).
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        names = [t.name for t in threading.enumerate() if t.name.startswith("runmap-aio")]
+        if not names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.01)
 
 
 def test_amap_returns_results_in_input_order(mapper: rm.Mapper) -> None:

@@ -91,6 +91,24 @@ def _runmap_actors(cluster_name: str) -> list[str]:
 # ------------------------------------------ no Ray running: these go first
 
 
+def test_embedded_servlet_serves_in_a_thread_and_stops() -> None:
+    from runmap.server.embedded import start_servlet
+    from runmap.transport.http import HTTPChannel
+
+    servlet = start_servlet("embedded", token="right-token")
+    try:
+        good = HTTPChannel(servlet.host, servlet.port, "right-token", "embedded")
+        bad = HTTPChannel(servlet.host, servlet.port, "wrong-token", "embedded")
+        assert good.info()["pid"] == os.getpid()
+        with pytest.raises(rm.AuthError):
+            bad.info()
+        good.close()
+        bad.close()
+    finally:
+        servlet.stop()
+    assert not servlet.is_running()
+
+
 def test_import_runmap_does_not_import_ray() -> None:
     subprocess.run(
         [sys.executable, "-c", "import runmap, sys; rm = runmap.cluster; assert 'ray' not in sys.modules"],
