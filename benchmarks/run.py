@@ -67,7 +67,8 @@ TITLES = {
 NOTES = {
     "a": "`Pool.map` and Ray's Pool with their default chunks; `ProcessPoolExecutor` with chunksize 256 "
     "(its default of 1 runs at ~9k/s). Start-up excluded; every peer warmed with one small map.",
-    "b": "Speedup = sequential seconds / parallel seconds, sequential measured in its own process.",
+    "b": "Speedup = sequential seconds / parallel seconds, sequential measured in its own process, "
+    "each round's parallel run paired with the same round's sequential one (median of the pairs shown).",
     "c": "runmap: a remote instance's method (`echo.echo(i)`); `Mapper.call` goes through the Mapper's "
     "slot threads. Peers: `Pool(1).apply`, `ProcessPoolExecutor(1).submit().result()`, `ray.get(actor.m.remote())`.",
     "d": "runmap: `imap(xs, chunksize=1)` on a Mapper with concurrency 4. Pool: `imap(chunksize=1)`. "
@@ -117,7 +118,24 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     merged = {k: statistics.median(r[k] for r in ok) for k in keys}
     merged["n"] = len(ok)
     merged["all"] = [r["value"] for r in ok]
+    merged["rounds"] = [r.get("value") for r in rounds]  # None where a round failed
     return merged
+
+
+def speedups(res: dict[str, dict[str, Any]], impl: str) -> list[float]:
+    """(b): each round's sequential time over the same round's parallel time.
+
+    Rounds are interleaved, so the two ran a few seconds apart; pairing them
+    cancels most of the machine's changing load, which a ratio of medians would not.
+    """
+    seq = res.get("b", {}).get("sequential", {}).get("rounds", [])
+    par = res.get("b", {}).get(impl, {}).get("rounds", [])
+    return [s / p for s, p in zip(seq, par, strict=False) if s and p]
+
+
+def speedup(res: dict[str, dict[str, Any]], impl: str) -> float | None:
+    values = speedups(res, impl)
+    return statistics.median(values) if values else None
 
 
 # ------------------------------------------------------------------ report
@@ -158,9 +176,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, bool | 
     row("(a) ≥0.7× `Pool.map`", a, "items/s", r1, None if r1 is None else r1 >= 0.7, "{:.2f}×")
     row("(a) ≥2× Ray `util.multiprocessing.Pool`", a, "items/s", r2, None if r2 is None else r2 >= 2, "{:.2f}×")
 
-    seq = get(res, "b", "sequential")
-    sp = ratio(seq, get(res, "b", "runmap"))
-    sp_pool = ratio(seq, get(res, "b", "pool"))
+    sp, sp_pool = speedup(res, "runmap"), speedup(res, "pool")
     r = ratio(sp, sp_pool)
     row("(b) ≥0.98× `Pool`'s speedup", sp, "speedup", r, None if r is None else r >= 0.98, "{:.2f}× Pool's")
 
@@ -190,7 +206,8 @@ def case_rows(case: str, res: dict[str, dict[str, Any]]) -> list[str]:
     lines = [f"### {TITLES[case]}", "", NOTES[case], ""]
     lines += ["| implementation | figure | rounds | vs runmap |", "|---|---|---|---|"]
     base = get(res, case, "runmap")
-    seq = get(res, "b", "sequential")
+    if case == "b":
+        base = speedup(res, "runmap")
     for impl in impls_for(case):
         r = res.get(case, {}).get(impl)
         if r is None:
@@ -200,17 +217,18 @@ def case_rows(case: str, res: dict[str, dict[str, Any]]) -> list[str]:
             continue
         value = r["value"]
         shown, each = value, r["all"]
-        if case == "b" and impl != "sequential" and seq:
-            shown, each = seq / value, [seq / v for v in each]
+        if case == "b" and impl != "sequential":
+            each = speedups(res, impl)
+            shown = value = statistics.median(each) if each else 0.0
         fig = fmt(shown)
         if case == "b":
             fig += f" ({r['per_input_ms']:.1f} ms an input)" if impl == "sequential" else ""
         if case == "c":
             fig += f" (p99 {fmt(r['p99'])})"
         vs = ""
-        if base and impl != "runmap" and value:
+        if base and impl not in ("runmap", "sequential") and value:
             rel = base / value
-            if case in ("b", "c", "e", "f"):
+            if case in ("c", "e", "f"):
                 rel = value / base  # smaller is better: how many times runmap's figure
             vs = f"{rel:.2f}×"
         spread = ", ".join(fmt(v) for v in each)
