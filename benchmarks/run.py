@@ -204,7 +204,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, bool | 
 
 def case_rows(case: str, res: dict[str, dict[str, Any]]) -> list[str]:
     lines = [f"### {TITLES[case]}", "", NOTES[case], ""]
-    lines += ["| implementation | figure | rounds | vs runmap |", "|---|---|---|---|"]
+    lines += ["| implementation | figure | rounds | runmap's edge (>1: runmap better) |", "|---|---|---|---|"]
     base = get(res, case, "runmap")
     if case == "b":
         base = speedup(res, "runmap")
