@@ -20,7 +20,7 @@ import time
 
 from runmap.exceptions import ClusterError
 from runmap.server.app import DEFAULT_MAX_BODY, build_app
-from runmap.server.runner import bind
+from runmap.server.runner import bind, server_config
 from runmap.server.state import ServletState
 
 START_TIMEOUT = 30.0
@@ -87,15 +87,7 @@ def start_servlet(
     except OSError as exc:
         raise ClusterError(f"servlet {name!r} could not listen on {host}:{port}: {exc}") from exc
     state = ServletState(name)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_app(state, token, max_body),
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-        )
-    )
+    server = uvicorn.Server(server_config(build_app(state, token, max_body)))
     failure: list[BaseException] = []
 
     def serve() -> None:

@@ -73,6 +73,25 @@ def _http_protocol() -> Any:
     return CoalescingHttpToolsProtocol
 
 
+def server_config(app: Any) -> Any:
+    """The uvicorn configuration of every servlet, a process of its own or a thread (embedded)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+        # The hot path: loopback clients, no proxy in between, and nothing reads these headers.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        ws="none",  # no websocket routes; "auto" would import websockets (~45 ms of every start)
+        http=_http_protocol(),
+    )
+
+
 def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
     for path in reversed(config.get("sys_path", [])):
@@ -88,21 +107,7 @@ def main() -> None:
 
     sock = bind(config.get("host", "127.0.0.1"), int(config.get("port", 0)))
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            # The hot path: loopback clients, no proxy in between, and nothing reads these headers.
-            proxy_headers=False,
-            server_header=False,
-            date_header=False,
-            ws="none",  # no websocket routes; "auto" would import websockets (~45 ms of every start)
-            http=_http_protocol(),
-        )
-    )
+    server = uvicorn.Server(server_config(app))
 
     def shutdown() -> None:
         server.should_exit = True
