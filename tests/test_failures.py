@@ -257,3 +257,12 @@ def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[
     rerun = [int(x) for x in _read(str(log))]
     assert len(rerun) < 75, f"{len(rerun)} inputs ran again; at least 30 had completed"
     assert all(x >= 25 for x in rerun)
+
+
+def test_a_dead_replica_leaves_its_clusters_books(cluster: rm.LocalCluster) -> None:
+    target = rm.function(slow_double).to(cluster, env=rm.env(name="books"))
+    with rm.mapper(target, num_replicas=2, replace_dead=False) as mapper:
+        victim = mapper.replicas[1].servlet
+        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        mapper.map(range(50), chunksize=1, progress=False)
+        assert [s.name for s in cluster.servlets] == ["books"]

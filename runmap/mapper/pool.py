@@ -249,7 +249,8 @@ class ReplicaPool:
         servlet = replica.remote.servlet
         if kill:
             servlet.kill()
-        if kill or (replica.owned and servlet.is_alive()):
+        if kill or replica.owned or not servlet.is_alive():
+            # A dead servlet leaves its cluster's books too, whoever started it.
             servlet.cluster.stop_servlet(servlet)
         if closing:
             return
