@@ -13,7 +13,7 @@ import time
 import psutil
 
 import runmap as rm
-from runmap.mapper.mapper import READ_AHEAD
+from runmap.mapper.run import READ_AHEAD
 
 
 def double(x: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 import runmap as rm
 from runmap.mapper.batching import MAX_CHUNK
-from runmap.mapper.mapper import READ_AHEAD
+from runmap.mapper.run import READ_AHEAD
 
 
 def power(n: int) -> int:

@@ -1,0 +1,273 @@
+"""One map in progress: its input window, its chunks in flight, and its results in waiting.
+
+    inputs ──► read lazily, cut into chunks (serialized here, so a bad argument
+    (any        is named before anything is sent) ──► ReplicaPool's TaskQueue
+    iterable)                                               │
+                                                            ▼
+    results ◄── in input order (or as completed) ◄── Sink ◄── outcomes, failures
+
+:class:`MapRun` runs in the caller's thread. It keeps at most ``2 × slots``
+chunks in flight and at most ``READ_AHEAD`` chunks a slot read but not yet
+yielded, so an endless generator, or a slow input at the head of the map,
+never makes the client read without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from runmap import serialization as ser
+from runmap.exceptions import ConfigError, SerializationError
+from runmap.mapper.batching import chunker
+from runmap.mapper.checkpoint import MISSING, Checkpoint
+from runmap.mapper.progress import Progress
+from runmap.mapper.tasks import SPLIT, Sink, Task
+
+if TYPE_CHECKING:
+    from runmap.mapper.mapper import Mapper
+
+POLL_SECONDS = 0.5
+READ_AHEAD = 16  # chunks a slot that may be read before the oldest is yielded
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """Options of one map; keyword-only, so they never collide with the user's arguments."""
+
+    progress: bool = True
+    chunksize: int | str = "auto"
+    return_exceptions: bool = False
+    kwargs: dict[str, Any] | None = None
+    timeout: float | None = None
+    checkpoint: str | os.PathLike[str] | None = None
+
+
+_OPTION_NAMES = frozenset(MapOptions.__dataclass_fields__)
+
+
+def parse_options(options: dict[str, Any]) -> MapOptions:
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise ConfigError(
+            f"unknown map option(s) {sorted(unknown)}; options are {sorted(_OPTION_NAMES)}. "
+            "Pass keyword arguments for the mapped function as kwargs={...}."
+        )
+    opts = MapOptions(**options)
+    if opts.kwargs is not None and not isinstance(opts.kwargs, dict):
+        raise ConfigError(f"kwargs must be a dict, not {type(opts.kwargs).__name__}")
+    return opts
+
+
+def zip_inputs(iterables: tuple[Iterable[Any], ...]) -> tuple[int, Iterator[Any], int | None]:
+    if not iterables:
+        raise ConfigError("map needs at least one iterable")
+    lengths = [input_len(it) for it in iterables]
+    total = None if None in lengths else min(lengths)  # type: ignore[type-var]
+    if len(iterables) == 1:
+        return ser.SINGLE, iter(iterables[0]), total
+    return ser.STAR, zip(*iterables), total  # noqa: B905 - zip stops at the shortest, as map does
+
+
+def input_len(it: Any) -> int | None:
+    try:
+        return len(it)
+    except TypeError:
+        return None
+
+
+class _Failure:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class MapRun:
+    """One map in progress: its input window, its sink, and its results in waiting."""
+
+    def __init__(
+        self, mapper: Mapper, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool
+    ) -> None:
+        self.mapper = mapper
+        self.pool = mapper._pool
+        self.mode = mode
+        self.items = items
+        self.total = total
+        self.opts = opts
+        self.ordered = ordered
+        self.timeout = opts.timeout if opts.timeout is not None else mapper.timeout
+        slots = max(1, len(self.pool.alive) * mapper.concurrency)
+        self.chunks = chunker(opts.chunksize, slots)
+        self.window = 2 * slots
+        self.read_ahead = READ_AHEAD * slots
+        self.sink = Sink()
+        self.read = 0
+        self.inflight = 0
+        self.exhausted = False
+        self.ready: dict[int, list[Any]] = {}  # chunk start -> its results (or _Failure)
+        self.retried: dict[int, int] = {}  # input index -> re-runs after its user code raised
+        self.checkpoint = Checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
+        self.hashes: dict[int, str] = {}  # input index -> input hash, while in flight
+
+    def results(self) -> Iterator[Any]:
+        bar = Progress(self.opts.progress, self.total, _describe(self.mapper))
+        next_index = 0
+        try:
+            while True:
+                self._fill()
+                if self.ordered:
+                    while next_index in self.ready:
+                        chunk = self.ready.pop(next_index)
+                        next_index += len(chunk)
+                        yield from self._unwrap(chunk)
+                else:
+                    for start in list(self.ready):
+                        yield from self._unwrap(self.ready.pop(start))
+                if self.exhausted and self.inflight == 0 and not self.ready:
+                    return
+                if self.inflight == 0:
+                    continue
+                try:
+                    event = self.sink.events.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                bar.update(self._receive(*event))
+        finally:
+            self.sink.cancelled = True
+            self.pool.tasks.discard(self.sink)
+            bar.close()
+            if self.checkpoint is not None:
+                self.checkpoint.close()
+
+    def _fill(self) -> None:
+        # In flight: at most the window. Read but not yet yielded (in flight, or done
+        # and waiting behind a slow input): at most READ_AHEAD chunks a slot, so that
+        # other replicas keep busy behind a slow input, but memory stays bounded
+        # however long it takes.
+        while not self.exhausted and self.inflight < self.window and self.inflight + len(self.ready) < self.read_ahead:
+            remaining = None if self.total is None else self.total - self.read
+            batch = list(islice(self.items, self.chunks.next_size(remaining)))
+            if not batch:
+                self.exhausted = True
+                return
+            start = self.read
+            self.read += len(batch)
+            if self.checkpoint is None:
+                self._send(batch, start)
+            else:
+                self._send_unsaved(batch, start)
+
+    def _send_unsaved(self, batch: list[Any], start: int) -> None:
+        """Takes saved results from the checkpoint and sends only the runs of inputs without one."""
+        assert self.checkpoint is not None
+        run: list[Any] = []
+        for i, item in enumerate(batch):
+            index = start + i
+            digest = Checkpoint.hash_input(item)
+            saved = self.checkpoint.lookup(index, digest)
+            if saved is MISSING:
+                self.hashes[index] = digest
+                run.append(item)
+                continue
+            if run:
+                self._send(run, index - len(run))
+                run = []
+            self.ready[index] = [saved]
+        if run:
+            self._send(run, start + len(batch) - len(run))
+
+    def _send(self, batch: list[Any], start: int) -> None:
+        try:
+            task = Task(start, self.mode, batch, self.opts.kwargs, self.sink, self.timeout)
+        except SerializationError as exc:
+            if exc.index is None:
+                raise
+            k = exc.index - start
+            if k > 0:
+                self._send(batch[:k], start)
+            exc.replica = None
+            self.ready[exc.index] = [_Failure(exc)]
+            if k + 1 < len(batch):
+                self._send(batch[k + 1 :], exc.index + 1)
+            return
+        self.inflight += 1
+        self.pool.submit(task)
+
+    def _receive(self, task: Task, outcome: Any, replica: str | None, seconds: float) -> int:
+        """Files one event's results under their chunk; returns how many inputs completed."""
+        if outcome is SPLIT:
+            self.inflight += int(seconds) - 1  # the split's part count travels in the seconds field
+            return 0
+        self.inflight -= 1
+        if not isinstance(outcome, ser.Outcome):
+            self._forget(task.indexes)
+            self.ready[task.start] = [_Failure(outcome)] * task.count
+            return task.count
+        self.chunks.record(task.count, seconds, len(task.payload))
+        results: list[Any] = outcome.results
+        retry = []
+        for i, err in outcome.errors.items():
+            exc = _localize(err.to_exception(), task.start + i, replica)
+            if self._should_retry(task.start + i, exc):
+                retry.append(i)
+            results[i] = _Failure(exc)
+        if self.checkpoint is not None:
+            self.checkpoint.save(
+                [
+                    (task.start + i, self.hashes[task.start + i], r)
+                    for i, r in enumerate(results)
+                    if i not in outcome.errors
+                ]
+            )
+            self._forget(i for i in task.indexes if i - task.start not in retry)
+        if not retry:
+            self.ready[task.start] = results
+            return task.count
+        # Re-run the inputs whose user code raised a retryable error; file the rest in pieces.
+        for i, part in enumerate(task.split()):
+            if i in retry:
+                self.retried[part.start] = self.retried.get(part.start, 0) + 1
+                self.inflight += 1
+                self.pool.submit(part)
+            else:
+                self.ready[part.start] = [results[i]]
+        return task.count - len(retry)
+
+    def _should_retry(self, index: int, exc: BaseException) -> bool:
+        kinds = self.mapper.retry_exceptions
+        return bool(kinds) and isinstance(exc, kinds) and self.retried.get(index, 0) < self.mapper.retries
+
+    def _forget(self, indexes: Iterable[int]) -> None:
+        if self.checkpoint is not None:
+            for i in indexes:
+                self.hashes.pop(i, None)
+
+    def _unwrap(self, chunk: list[Any]) -> Iterator[Any]:
+        for value in chunk:
+            if isinstance(value, _Failure):
+                if self.opts.return_exceptions:
+                    yield value.exc
+                else:
+                    raise value.exc
+            else:
+                yield value
+
+
+def _localize(exc: BaseException, index: int, replica: str | None) -> BaseException:
+    """A servlet's "result of input #i of its chunk" error, with the map's index and the replica."""
+    if isinstance(exc, SerializationError) and exc.side == "result":
+        message = re.sub(r"input #\d+ of its chunk", f"input {index}", str(exc))
+        localized = SerializationError(f"{message} on {replica}", index=index, side="result", replica=replica)
+        localized.__cause__ = exc.__cause__
+        return localized
+    return exc
+
+
+def _describe(mapper: Mapper) -> str:
+    return mapper.method or mapper._prototype.module_name.rsplit("-", 1)[0]
