@@ -29,13 +29,13 @@ sends that method back to the threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
-
-from starlette.concurrency import run_in_threadpool
 
 from runmap.exceptions import ProtocolError, SerializationError
 from runmap.server.auth import BodyTooLarge, Receive, Scope, Send, TokenAndLimitMiddleware
@@ -121,12 +121,20 @@ def _segments(scope: Scope) -> list[str]:
     return [unquote_to_bytes(p).decode("utf-8", "replace") for p in raw.split(b"/")[1:]]
 
 
+CALL_THREADS = 64  # calls a servlet runs at once: far above any sane concurrency per replica
+T = TypeVar("T")
+
+
 class ServletApp:
     """The routes above, over one :class:`ServletState`."""
 
     def __init__(self, state: ServletState) -> None:
         self.state = state
         self.placement = CallPlacement()
+        self._threads = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="runmap-call")
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,7 +168,7 @@ class ServletApp:
             _allow(method, "PUT", "DELETE")
             if method == "PUT":
                 body = await read_body(receive)
-                await respond(send, 200, await run_in_threadpool(self.state.place_module, parts[1], body))
+                await respond(send, 200, await self._in_thread(self.state.place_module, parts[1], body))
             else:
                 self.state.delete_module(parts[1])
                 await respond(send, 204)
@@ -172,7 +180,7 @@ class ServletApp:
         if self.placement.inline(key):
             result, wall, cpu = _off_the_loop(self.state.call, module, method, body)
         else:
-            result, wall, cpu = await run_in_threadpool(_timed, self.state.call, module, method, body)
+            result, wall, cpu = await self._in_thread(_timed, self.state.call, module, method, body)
         self.placement.record(key, wall, cpu)
         await respond(send, 200, result)
 
