@@ -150,8 +150,8 @@ class Function:
 
     def to(self, cluster: Cluster | None = None, env: Env | None = None) -> RemoteFunction:
         """Places the function in ``env``'s servlet on ``cluster`` (started if need be)."""
+        spec = ser.dump_module((FUNCTION, self.fn, (), {}))  # before starting anything: it may fail
         servlet = _resolve_cluster(cluster).servlet(env)
-        spec = ser.dump_module((FUNCTION, self.fn, (), {}))
         return RemoteFunction.place(servlet, _module_name(self.fn), spec)  # type: ignore[return-value]
 
 
