@@ -266,3 +266,10 @@ def test_a_dead_replica_leaves_its_clusters_books(cluster: rm.LocalCluster) -> N
         os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
         mapper.map(range(50), chunksize=1, progress=False)
         assert [s.name for s in cluster.servlets] == ["books"]
+
+
+def test_a_callable_that_cannot_travel_starts_nothing() -> None:
+    lock = threading.Lock()
+    with pytest.raises(rm.SerializationError, match="could not be pickled"):
+        rm.mapper(lambda x: (lock, x), num_replicas=3)
+    # the autouse leak check fails this test if a servlet was left running
