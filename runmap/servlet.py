@@ -74,13 +74,23 @@ class Servlet(ABC):
         return chan
 
     def stop(self) -> None:
-        """Ends the servlet and closes the connections opened through :meth:`channel`."""
+        """Ends the servlet and closes the connections opened through :meth:`channel`.
+
+        A servlet that had already died keeps its own account of why
+        (:meth:`exit_reason`); only a live one becomes "stopped".
+        """
+        alive = not self._stopped and self.is_alive()
         with self._lock:
-            self._stopped = True
+            self._stopped = self._stopped or alive
+        self.release()
+        self._terminate()
+
+    def release(self) -> None:
+        """Frees what this handle holds (connections, pipes), leaving the process alone."""
+        with self._lock:
             channels, self._channels = self._channels, []
         for chan in channels:
             chan.close()
-        self._terminate()
 
     def kill(self) -> None:
         """Ends the servlet at once, even in the middle of a call."""

@@ -261,11 +261,12 @@ def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[
 
 def test_a_dead_replica_leaves_its_clusters_books(cluster: rm.LocalCluster) -> None:
     target = rm.function(slow_double).to(cluster, env=rm.env(name="books"))
-    with rm.mapper(target, num_replicas=2, replace_dead=False) as mapper:
-        victim = mapper.replicas[1].servlet
-        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        mapper.map(range(50), chunksize=1, progress=False)
-        assert [s.name for s in cluster.servlets] == ["books"]
+    with rm.mapper(target, num_replicas=3, replace_dead=False) as mapper:
+        for victim in (mapper.replicas[0].servlet, mapper.replicas[1].servlet):  # the target's own, and a copy
+            os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        assert len(mapper.map(range(50), chunksize=1, progress=False)) == 50
+        assert [s.name for s in cluster.servlets] == ["books_replica_2"]
+        assert "SIGKILL(-9)" in mapper._pool.describe()["books"]
 
 
 def test_a_callable_that_cannot_travel_starts_nothing() -> None:

@@ -114,10 +114,20 @@ class Cluster(ABC):
     # ------------------------------------------------------------- stopping
 
     def stop_servlet(self, servlet: Servlet) -> None:
+        """Ends ``servlet`` and drops it from this cluster's books."""
+        servlet.stop()
+        self.forget(servlet)
+
+    def forget(self, servlet: Servlet) -> None:
+        """Drops a servlet that died from this cluster's books, leaving what remains of it alone.
+
+        Stopping a dead servlet could overwrite its cause of death (Ray reports
+        an actor killed afterwards as "killed by ray.kill", not "its node died").
+        """
         with self._lock:
             if self._servlets.get(servlet.env.name) is servlet:
                 del self._servlets[servlet.env.name]
-        servlet.stop()
+        servlet.release()
         registry.update(self)
 
     @property

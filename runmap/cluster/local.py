@@ -46,6 +46,11 @@ class LocalServlet(HTTPServlet):
             return "stopped by runmap"
         return describe_returncode(self.proc.poll())
 
+    def release(self) -> None:
+        super().release()
+        if self.proc.poll() is not None and self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # reaped by poll(); the pipe is all that is left
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -249,9 +249,11 @@ class ReplicaPool:
         servlet = replica.remote.servlet
         if kill:
             servlet.kill()
-        if kill or replica.owned or not servlet.is_alive():
-            # A dead servlet leaves its cluster's books too, whoever started it.
-            servlet.cluster.stop_servlet(servlet)
+            servlet.cluster.forget(servlet)
+        elif not servlet.is_alive():
+            servlet.cluster.forget(servlet)  # whoever started it, it is gone
+        elif replica.owned:
+            servlet.cluster.stop_servlet(servlet)  # unreachable, yet running: end what we started
         if closing:
             return
         coming = self.on_lost(replica)
