@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-import psutil
+from processes import assert_all_end
 
 import runmap as rm
 from runmap.mapper.run import READ_AHEAD
@@ -71,14 +71,7 @@ def test_ctrl_c_returns_within_a_second_and_leaves_nothing() -> None:
     assert interrupted_after < 1.0, interrupted_after
     assert "KeyboardInterrupt" in stderr
     assert exited_after < 10, exited_after
-    deadline = time.monotonic() + 5
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.1)
-    for p in alive:
-        psutil.Process(p).kill()
-    assert not alive, "servlets outlived an interrupted client"
+    assert_all_end(pids, within=5, what="servlets outlived an interrupted client")
 
 
 MEMORY_SCRIPT = textwrap.dedent(

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import psutil
 import pytest
+from processes import assert_all_end
 
 import runmap as rm
 
@@ -91,11 +91,4 @@ def test_servlets_end_when_the_client_dies(how: str) -> None:
         client.send_signal(signal.SIGKILL)
     client.wait(30)
     client.stdout.close()
-    deadline = time.monotonic() + 10
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.1)
-    for p in alive:
-        psutil.Process(p).kill()
-    assert not alive, "a servlet outlived its client"
+    assert_all_end(pids, within=10, what="a servlet outlived its client")
