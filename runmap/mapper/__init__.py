@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from runmap.mapper.mapper import MapOptions, Mapper
+from runmap.mapper.mapper import Mapper
+from runmap.mapper.run import MapOptions
 
 
 def mapper(target: Any, method: str | None = None, **kwargs: Any) -> Mapper:

@@ -27,7 +27,7 @@ from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
 from runmap.exceptions import ConfigError, RunmapError
 from runmap.mapper.pool import Replica, ReplicaPool
-from runmap.mapper.run import MapOptions, MapRun, input_len, parse_options, zip_inputs
+from runmap.mapper.run import MapRun, input_len, parse_options, zip_inputs
 from runmap.mapper.targets import resolve_target
 from runmap.mapper.tasks import FutureSink, Task
 from runmap.module import Remote
@@ -221,17 +221,17 @@ class Mapper:
     def starmap(self, iterable: Iterable[Iterable[Any]], **options: Any) -> list[Any]:
         """Like ``itertools.starmap``: each input is a tuple of arguments."""
         opts = parse_options(options)
-        return list(self._run(ser.STAR, (tuple(a) for a in iterable), input_len(iterable), opts, ordered=True))
+        self._check_open()
+        stars = (tuple(a) for a in iterable)
+        return list(MapRun(self, ser.STAR, stars, input_len(iterable), opts, ordered=True).results())
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """Results in input order, as they become available; inputs are read lazily."""
-        mode, items, total = zip_inputs(iterables)
-        return self._run(mode, items, total, parse_options(options), ordered=True)
+        return self._start(iterables, options, ordered=True).results()
 
     def imap_unordered(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """Results as they complete, in any order."""
-        mode, items, total = zip_inputs(iterables)
-        return self._run(mode, items, total, parse_options(options), ordered=False)
+        return self._start(iterables, options, ordered=False).results()
 
     async def amap(self, *iterables: Iterable[Any], **options: Any) -> list[Any]:
         """``await`` form of :meth:`map`, for asyncio code and notebooks' top-level await."""
@@ -257,11 +257,12 @@ class Mapper:
         self._pool.submit(Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout))
         return future
 
-    def _run(
-        self, mode: int, items: Iterator[Any], total: int | None, opts: MapOptions, ordered: bool
-    ) -> Iterator[Any]:
+    def _start(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any], ordered: bool) -> MapRun:
+        """A map over ``iterables``, not yet started: it runs as its ``results()`` are read."""
+        mode, items, total = zip_inputs(iterables)
+        opts = parse_options(options)
         self._check_open()
-        return MapRun(self, mode, items, total, opts, ordered).results()
+        return MapRun(self, mode, items, total, opts, ordered)
 
     # --------------------------------------------------------------- closing
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 0.5
 READ_AHEAD = 16  # chunks a slot that may be read before the oldest is yielded
+_WAKE = ("wake",)  # an event that only wakes the map loop (see MapRun.cancel)
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,18 @@ class MapRun:
         self.retried: dict[int, int] = {}  # input index -> re-runs after its user code raised
         self.checkpoint = Checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
         self.hashes: dict[int, str] = {}  # input index -> input hash, while in flight
+        self.cancelled = False
 
-    def results(self) -> Iterator[Any]:
+    def cancel(self) -> None:
+        """Ends the map from another thread: :meth:`results` returns at once, even mid-wait."""
+        self.cancelled = True
+        self.sink.events.put(_WAKE)
+
+    def results(self) -> Generator[Any, None, None]:
         bar = Progress(self.opts.progress, self.total, _describe(self.mapper))
         next_index = 0
         try:
-            while True:
+            while not self.cancelled:
                 self._fill()
                 if self.ordered:
                     while next_index in self.ready:
@@ -137,7 +144,8 @@ class MapRun:
                     event = self.sink.events.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     continue
-                bar.update(self._receive(*event))
+                if event is not _WAKE:
+                    bar.update(self._receive(*event))
         finally:
             self.sink.cancelled = True
             self.pool.tasks.discard(self.sink)
