@@ -1,6 +1,6 @@
 """What a servlet holds and does, free of HTTP: modules by name, and calls on them.
 
-The FastAPI app (:mod:`runmap.server.app`) and the in-process transport
+The ASGI app (:mod:`runmap.server.app`) and the in-process transport
 (:mod:`runmap.transport.inprocess`) both drive this class, so the call
 semantics are tested once and shared by every transport.
 """
