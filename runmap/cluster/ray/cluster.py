@@ -1,54 +1,26 @@
-"""The Ray cluster: each env replica is a Ray actor that runs a servlet.
-
-    client ── RayCluster._launch(env) ── actor options from env.compute,
-      │                                  runtime_env from reqs / env_vars / working_dir
-      │                                        │
-      │                                        ▼
-      │                           Ray places _ServletActor on a node
-      │                           (its __init__ starts the servlet in a thread:
-      │                            runmap.server.embedded, bound to the node's IP)
-      │                                        │ address() -> host, port, pid, node
-      ▼                                        ▼
-    RayServlet (an HTTPServlet) ── HTTP, the cluster's token ──► the servlet
-
-Ray does the placing, the installing and the process keeping; the calls use
-runmap's own protocol, so a Mapper treats these replicas like any other and
-may mix them with replicas on other clusters. Ray is imported only here, and
-only when a RayCluster is made: ``import runmap`` does not import it.
-
-Ray's exceptions are translated into runmap's tree in one place,
-:func:`_translate`.
-"""
+"""RayCluster: places env replicas as Ray actors, by compute, with a runtime_env."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from runmap.cluster.base import Cluster
+from runmap.cluster.ray.actor import LostBeforeStart, servlet_actor_class, summarize, translate_errors
+from runmap.cluster.ray.servlet import RayServlet, kill_actor
 from runmap.envs.env import Env
-from runmap.exceptions import AllocationError, ClusterError, ConfigError, ReplicaDiedError
+from runmap.exceptions import AllocationError, ClusterError, ConfigError
 from runmap.server.app import DEFAULT_MAX_BODY
-from runmap.servlet import HTTPServlet
-from runmap.transport.base import Channel
-from runmap.transport.http import HTTPChannel
 
 START_TIMEOUT = 600.0  # installing a runtime_env's requirements can take minutes
 ALLOCATION_TIMEOUT = 60.0  # how long to wait for a node that fits before giving up
 START_ATTEMPTS = 3  # placements of one replica whose node dies under it while it starts
-PING_TIMEOUT = 1.0
-ALIVE_CACHE_SECONDS = 0.25
 POLL_SECONDS = 0.2
-# A node that vanishes without closing its sockets (power loss, partition) is
-# noticed by TCP keepalive after about IDLE + INTERVAL * COUNT seconds.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
 
 _INSTALLING_KEYS = {"pip", "uv", "conda", "working_dir", "py_modules", "container", "image_uri"}
 _RESERVED = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
@@ -57,254 +29,6 @@ _RESERVED = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
 _ray_lock = threading.Lock()
 _ray_users: set[int] = set()
 _ray_started_by_runmap = False
-
-
-# ----------------------------------------------------------------- the actor
-
-
-class _ServletActor:
-    """What runs inside each Ray actor: a servlet in a thread of the actor's process.
-
-    The token arrives as a constructor argument (Ray ships it in the task, never
-    on a command line). The actor's main thread stays Ray's, for ``address``,
-    ``ping`` and ``stop``; user code runs in the servlet's threads and sees
-    Ray's runtime context like any actor code.
-    """
-
-    def __init__(self, name: str, token: str, client_sys_path: list[str], max_body: int) -> None:
-        # The client's import path, where it exists on this node, after the
-        # runtime_env's own entries: code the client imports by reference (its
-        # test modules, its packages) is importable here on one machine or a
-        # shared filesystem; elsewhere use working_dir or py_modules.
-        for path in client_sys_path:
-            if path and path not in sys.path and os.path.exists(path):
-                sys.path.append(path)
-        os.environ["RUNMAP_REPLICA"] = name
-        import ray
-
-        from runmap.server.embedded import start_servlet
-
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.servlet = start_servlet(name, token, ray.util.get_node_ip_address(), 0, max_body)
-
-    def address(self) -> tuple[str, int, int, str]:
-        return self.servlet.host, self.servlet.port, os.getpid(), self.node_id
-
-    def ping(self) -> bool:
-        return self.servlet.is_running()
-
-    def stop(self) -> None:
-        self.servlet.stop()
-
-
-_actor_class: Any = None
-
-
-class _LostBeforeStart(Exception):
-    """The actor died before its servlet started, and not of its own doing (its node died)."""
-
-
-def _servlet_actor() -> Any:
-    global _actor_class
-    if _actor_class is None:
-        import ray
-
-        _actor_class = ray.remote(_ServletActor)
-    return _actor_class
-
-
-# ------------------------------------------------------------ translation
-
-
-@contextlib.contextmanager
-def _translate(what: str, replica: str | None = None, died: type[Exception] = ReplicaDiedError) -> Iterator[None]:
-    """Turns Ray's exceptions into runmap's: the only place that knows Ray's tree.
-
-    Args:
-        what: what was being done, to start the message with.
-        replica: the replica concerned, if any.
-        died: what a dead actor means here: ``ReplicaDiedError`` for a running
-            replica, ``ClusterError`` for one that was starting.
-    """
-    import ray.exceptions as rex
-
-    try:
-        yield
-    except rex.RuntimeEnvSetupError as exc:
-        raise ClusterError(
-            f"{what}: Ray could not set up the replica's runtime_env (reqs, working_dir): {exc}"
-        ) from exc
-    except rex.ActorUnschedulableError as exc:
-        raise AllocationError(f"{what}: {exc}") from exc
-    except rex.ActorUnavailableError as exc:  # may come back: not known to be dead
-        raise ClusterError(f"{what}: {exc}") from exc
-    except rex.RayActorError as exc:
-        message = f"{what}: {_summary(str(exc))}"
-        raise (ReplicaDiedError(message, replica) if died is ReplicaDiedError else died(message)) from exc
-    except rex.GetTimeoutError as exc:
-        raise ClusterError(f"{what}: Ray did not answer in time") from exc
-    except rex.RayError as exc:
-        raise ClusterError(f"{what}: {exc}") from exc
-    except ConnectionError as exc:  # ray.init could not reach the cluster
-        raise ClusterError(f"{what}: {exc}") from exc
-
-
-def _summary(text: str) -> str:
-    """Ray's actor-death message without its bookkeeping lines (ids, pid, namespace)."""
-    lines = [line.strip() for line in text.strip().splitlines()]
-    kept = [
-        line
-        for line in lines
-        if line
-        and not line.startswith(_ACTOR_FIELDS)
-        and line not in ("The actor died unexpectedly before finishing this task.",)
-    ]
-    return "; ".join(kept[:8]) or (lines[0] if lines else "the actor died")
-
-
-_ACTOR_FIELDS = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:")
-
-
-# --------------------------------------------------------------- the handle
-
-
-class _KeepAliveChannel(HTTPChannel):
-    """An HTTP channel whose socket notices a peer machine that vanished.
-
-    A replica whose process dies closes its sockets, and the call fails at
-    once; a node that drops off the network closes nothing, and without
-    keepalive a call waiting on it would wait forever.
-    """
-
-    def _connect(self) -> Any:
-        conn = super()._connect()
-        # The channel connects with a socket of its own or through http.client: take either.
-        sock = conn if isinstance(conn, socket.socket) else conn.sock
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (
-            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-            ("TCP_USER_TIMEOUT", 1000 * (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)),
-        ):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        return conn
-
-
-class RayServlet(HTTPServlet):
-    """A servlet inside a Ray actor.
-
-    Attributes:
-        actor: the Ray actor handle.
-        node_id: the Ray node it was placed on.
-    """
-
-    def __init__(
-        self, name: str, env: Env, cluster: RayCluster, host: str, port: int, actor: Any, pid: int, node_id: str
-    ) -> None:
-        super().__init__(name, env, cluster, host, port)
-        self.actor = actor
-        self.node_id = node_id
-        self._pid = pid
-        self._death: str | None = None
-        self._checked = 0.0
-        self._check_lock = threading.Lock()
-        self._pending_cause: Any = None
-
-    @property
-    def pid(self) -> int | None:
-        """The actor's process id, on its node."""
-        return self._pid
-
-    def open_channel(self) -> Channel:
-        return _KeepAliveChannel(self.host, self.port, self.cluster.token, self.name)
-
-    def is_alive(self) -> bool:
-        """Asks the actor (at most every ``ALIVE_CACHE_SECONDS``); a dead actor stays dead.
-
-        Ray may take seconds to declare a lost node's actors dead. Meanwhile, an
-        actor that does not answer a ping is dead if its servlet's port refuses
-        connections (its process is gone), and alive otherwise: a slow node is
-        not a lost one.
-        """
-        if self.stopped or self._death is not None:
-            return False
-        with self._check_lock:
-            if self._death is None and time.monotonic() - self._checked > ALIVE_CACHE_SECONDS:
-                self._ping()
-                self._checked = time.monotonic()
-        return self._death is None
-
-    def _ping(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            self._death = "Ray was shut down"
-            return
-        ref = self.actor.ping.remote()
-        ready, _ = ray.wait([ref], timeout=PING_TIMEOUT)
-        if ready:
-            self._read_ping(ref)
-        elif not _listening(self.host, self.port):
-            self._death = f"{self.name} no longer listens at {self.host}:{self.port}: its process or node is gone"
-            self._pending_cause = ref  # Ray's own account, once it has one
-
-    def _read_ping(self, ref: Any) -> None:
-        import ray
-
-        try:
-            with _translate(f"the actor of {self.name} on {self.host}", self.name):
-                serving = ray.get(ref)
-        except ReplicaDiedError as exc:
-            self._death = str(exc)
-        except ClusterError:
-            pass  # not known to be dead
-        else:
-            if not serving:
-                self._death = f"the servlet thread in the actor of {self.name} on {self.host} ended"
-
-    def exit_reason(self) -> str:
-        if self.stopped:
-            return "stopped by runmap"
-        if self.is_alive():
-            return "running"
-        import ray
-
-        pending = self._pending_cause
-        if pending is not None and ray.is_initialized() and ray.wait([pending], timeout=0)[0]:
-            self._pending_cause = None
-            self._read_ping(pending)  # replaces "no longer listens" with why, e.g. its node died
-        return self._death or "gone"
-
-    def _terminate(self) -> None:
-        _kill_actor(self.actor)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "node_id": self.node_id}
-
-
-def _listening(host: str, port: int) -> bool:
-    """False only if ``host`` refuses connections to ``port``: nothing listens there any more."""
-    try:
-        with socket.create_connection((host, port), timeout=PING_TIMEOUT):
-            return True
-    except ConnectionRefusedError:
-        return False
-    except OSError:
-        return True  # unreachable or slow: not proof that the servlet is gone
-
-
-def _kill_actor(actor: Any) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        return  # Ray is gone, and the actors with it (they share their owner's fate)
-    with contextlib.suppress(Exception):  # already dead, or Ray is shutting down
-        ray.kill(actor, no_restart=True)
-
-
-# -------------------------------------------------------------- the cluster
 
 
 class RayCluster(Cluster):
@@ -415,19 +139,20 @@ class RayCluster(Cluster):
     def _launch(self, env: Env) -> RayServlet:
         options = self.actor_options(env)
         if "runtime_env" in options:
-            with _translate(f"the files of replica {env.name!r} could not be uploaded to Ray", died=ClusterError):
+            with translate_errors(f"the files of replica {env.name!r} could not be uploaded to Ray", died=ClusterError):
                 options["runtime_env"] = self._uploaded(options["runtime_env"])
         client_path = [os.path.abspath(p) for p in sys.path if p]
         attempt = 1
         while True:
-            with _translate(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
-                actor = _servlet_actor().options(**options).remote(env.name, self.token, client_path, self.max_body)
+            with translate_errors(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
+                actor_class = servlet_actor_class().options(**options)
+                actor = actor_class.remote(env.name, self.token, client_path, self.max_body)
             with self._lock:
                 self._actors.append(actor)
             try:
-                with _translate(f"replica {env.name!r} did not start on Ray", died=ClusterError):
+                with translate_errors(f"replica {env.name!r} did not start on Ray", died=ClusterError):
                     host, port, pid, node_id = self._wait_started(env, actor)
-            except _LostBeforeStart as lost:
+            except LostBeforeStart as lost:
                 # Placed on a node that died before Ray knew it (a replacement for a
                 # replica lost with that node, typically): place it again.
                 self._forget_actor(actor)
@@ -483,7 +208,7 @@ class RayCluster(Cluster):
                 except rex.RayActorError as exc:
                     if exc.actor_init_failed:
                         raise  # the servlet itself could not start: trying again would not help
-                    raise _LostBeforeStart(_summary(str(exc))) from exc
+                    raise LostBeforeStart(summarize(str(exc))) from exc
             waited = time.monotonic() - started
             if self._closed:
                 raise ClusterError(f"cluster {self.name!r} was closed while {env.name!r} was starting")
@@ -515,7 +240,7 @@ class RayCluster(Cluster):
                 raise ClusterError(f"replica {env.name!r} did not start within {self.start_timeout:g} s")
 
     def _forget_actor(self, actor: Any) -> None:
-        _kill_actor(actor)
+        kill_actor(actor)
         with self._lock:
             if actor in self._actors:
                 self._actors.remove(actor)
@@ -536,7 +261,7 @@ class RayCluster(Cluster):
             self._released = True
             actors, self._actors = self._actors, []
         for actor in actors:
-            _kill_actor(actor)
+            kill_actor(actor)
         _disconnect(self)
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -559,7 +284,7 @@ def _connect(cluster: RayCluster, address: str | None, num_cpus: int | None, ini
         if address is None and num_cpus is not None:
             init_options.setdefault("num_cpus", num_cpus)
         init_options.setdefault("log_to_driver", True)
-        with _translate(f"could not {'start' if address is None else 'join'} Ray for cluster {cluster.name!r}"):
+        with translate_errors(f"could not {'start' if address is None else 'join'} Ray for cluster {cluster.name!r}"):
             # "local": a Ray of this process's own, even if RAY_ADDRESS or a `ray start`
             # on this machine would make a bare ray.init() join another.
             ray.init(address=address or "local", **init_options)
@@ -612,7 +337,7 @@ def _upload(local: dict[str, Any]) -> dict[str, Any]:
 def _alive_nodes() -> list[dict[str, Any]]:
     import ray
 
-    with _translate("could not list Ray's nodes"):
+    with translate_errors("could not list Ray's nodes"):
         return [node for node in ray.nodes() if node.get("Alive")]
 
 
