@@ -48,9 +48,6 @@ _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
 _BYTES_LIKE = (bytes, bytearray)
 
-_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError)
-
-
 def dumps(obj: Any) -> bytes:
     """Pickles ``obj``, with cloudpickle where plain pickle can't or shouldn't.
 

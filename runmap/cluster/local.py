@@ -29,8 +29,8 @@ LOOPBACK = "127.0.0.1"
 
 
 class LocalServlet(HTTPServlet):
-    def __init__(self, name: str, env: Env, cluster: Cluster, port: int, proc: subprocess.Popen[bytes], log: Path):
-        super().__init__(name, env, cluster, cluster_host(cluster), port)
+    def __init__(self, env: Env, cluster: LocalCluster, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+        super().__init__(env.name, env, cluster, cluster.host, port)
         self.proc = proc
         self.log_path = log
 
@@ -71,10 +71,6 @@ class LocalServlet(HTTPServlet):
             except OSError:
                 pass
         logs.unfollow(self)
-
-
-def cluster_host(cluster: Cluster) -> str:
-    return getattr(cluster, "host", LOOPBACK)
 
 
 class LocalCluster(Cluster):
@@ -160,7 +156,7 @@ class LocalCluster(Cluster):
             raise ClusterError(
                 f"servlet {env.name!r} did not start ({describe_returncode(code)}); its log {log} ends with:\n{tail}"
             )
-        servlet = LocalServlet(env.name, env, self, int(ready["port"]), proc, log)
+        servlet = LocalServlet(env, self, int(ready["port"]), proc, log)
         if self.stream_logs:
             logs.follow(servlet, log, log_start)
         return servlet

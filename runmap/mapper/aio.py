@@ -25,6 +25,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from runmap.mapper.run import zip_inputs
+
 if TYPE_CHECKING:
     from runmap.mapper.mapper import Mapper
     from runmap.mapper.run import MapRun
@@ -46,7 +48,7 @@ def aimap(mapper: Mapper, *iterables: Any, **options: Any) -> AsyncIterator[Any]
 
     Bad options raise here, at once; the map starts at the first iteration.
     """
-    return _results(mapper._start(iterables, options, ordered=True))
+    return _results(mapper._start(*zip_inputs(iterables), options, ordered=True))
 
 
 async def _results(run: MapRun) -> AsyncIterator[Any]:

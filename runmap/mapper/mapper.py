@@ -93,8 +93,10 @@ class Mapper:
         self._helpers: list[threading.Thread] = []
         self._early: list[Future[Any]] = []  # replicas' servlets started alongside the target's own
 
-        extra = (num_replicas or os.cpu_count() or 1) - 1 - len(supplied)
+        plain_total = num_replicas or os.cpu_count() or 1  # the total if target is a plain callable
+        extra = plain_total - 1 - len(supplied)
         try:
+            # Only a plain callable is placed here, and only then do its replicas start early.
             remote, self.method, owned, plain = resolve_target(
                 target, method, cluster, env, lambda where, placed: self._start_early(where, placed, extra)
             )
@@ -105,7 +107,7 @@ class Mapper:
         if not stream_logs:
             logs.silence(remote, *supplied)
         if num_replicas is None:
-            num_replicas = (os.cpu_count() or 1) if plain else 1 + len(supplied)
+            num_replicas = plain_total if plain else 1 + len(supplied)
         self._pool = ReplicaPool(self.method, concurrency, retries, self._on_lost)
         _open_mappers.add(self)
         try:
@@ -220,18 +222,16 @@ class Mapper:
 
     def starmap(self, iterable: Iterable[Iterable[Any]], **options: Any) -> list[Any]:
         """Like ``itertools.starmap``: each input is a tuple of arguments."""
-        opts = parse_options(options)
-        self._check_open()
         stars = (tuple(a) for a in iterable)
-        return list(MapRun(self, ser.STAR, stars, input_len(iterable), opts, ordered=True).results())
+        return list(self._start(ser.STAR, stars, input_len(iterable), options, ordered=True).results())
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """Results in input order, as they become available; inputs are read lazily."""
-        return self._start(iterables, options, ordered=True).results()
+        return self._start(*zip_inputs(iterables), options, ordered=True).results()
 
     def imap_unordered(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """Results as they complete, in any order."""
-        return self._start(iterables, options, ordered=False).results()
+        return self._start(*zip_inputs(iterables), options, ordered=False).results()
 
     async def amap(self, *iterables: Iterable[Any], **options: Any) -> list[Any]:
         """``await`` form of :meth:`map`, for asyncio code and notebooks' top-level await."""
@@ -257,9 +257,10 @@ class Mapper:
         self._pool.submit(Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout))
         return future
 
-    def _start(self, iterables: tuple[Iterable[Any], ...], options: dict[str, Any], ordered: bool) -> MapRun:
-        """A map over ``iterables``, not yet started: it runs as its ``results()`` are read."""
-        mode, items, total = zip_inputs(iterables)
+    def _start(
+        self, mode: int, items: Iterator[Any], total: int | None, options: dict[str, Any], ordered: bool
+    ) -> MapRun:
+        """A map of ``items``, not yet started: it runs as its ``results()`` are read."""
         opts = parse_options(options)
         self._check_open()
         return MapRun(self, mode, items, total, opts, ordered)

@@ -194,10 +194,7 @@ class ReplicaPool:
         task.attempts += 1
         task.lost_on.append(replica.name)
         if task.count > 1 and task.attempts <= self.retries:
-            parts = task.split()
-            task.sink.split(task, parts)
-            for part in reversed(parts):
-                self.submit(part, front=True)
+            self._retry_one_by_one(task)
         elif task.attempts > self.retries:
             task.sink.failed(
                 task,
@@ -216,13 +213,16 @@ class ReplicaPool:
         # Python can't stop the thread running the call: the replica has to go.
         self._retire(replica, f"killed after a call outlived its timeout of {task.timeout:g} s", kill=True)
         if task.count > 1:
-            # Which input was slow is unknown: each gets its own try, with the full timeout.
-            parts = task.split()
-            task.sink.split(task, parts)
-            for part in reversed(parts):
-                self.submit(part, front=True)
+            self._retry_one_by_one(task)  # which input was slow is unknown: each gets the full timeout
             return
         task.sink.failed(task, ReplicaTimeoutError(f"input {task.start}: {exc}", replica.name))
+
+    def _retry_one_by_one(self, task: Task) -> None:
+        """Re-queues ``task`` at the front as one task per input, so a bad input fails alone."""
+        parts = task.split()
+        task.sink.split(task, parts)
+        for part in reversed(parts):
+            self.submit(part, front=True)
 
     def _death_reason(self, replica: Replica, exc: ReplicaDiedError) -> str:
         servlet = replica.remote.servlet

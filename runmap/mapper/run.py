@@ -27,7 +27,7 @@ from runmap.exceptions import ConfigError, SerializationError
 from runmap.mapper.batching import chunker
 from runmap.mapper.checkpoint import MISSING, Checkpoint
 from runmap.mapper.progress import Progress
-from runmap.mapper.tasks import SPLIT, Sink, Task
+from runmap.mapper.tasks import Sink, Split, Task
 
 if TYPE_CHECKING:
     from runmap.mapper.mapper import Mapper
@@ -209,8 +209,8 @@ class MapRun:
 
     def _receive(self, task: Task, outcome: Any, replica: str | None, seconds: float) -> int:
         """Files one event's results under their chunk; returns how many inputs completed."""
-        if outcome is SPLIT:
-            self.inflight += int(seconds) - 1  # the split's part count travels in the seconds field
+        if isinstance(outcome, Split):
+            self.inflight += outcome.parts - 1
             return 0
         self.inflight -= 1
         if not isinstance(outcome, ser.Outcome):

@@ -35,10 +35,14 @@ class Sink:
 
     def split(self, task: Task, parts: list[Task]) -> None:
         """``task`` was replaced by ``parts``, each of which will get its own event."""
-        self.events.put((task, SPLIT, None, float(len(parts))))
+        self.events.put((task, Split(len(parts)), None, 0.0))
 
 
-SPLIT = object()
+@dataclass(frozen=True)
+class Split:
+    """The event of a task replaced by ``parts`` single-input tasks."""
+
+    parts: int
 
 
 class FutureSink(Sink):
