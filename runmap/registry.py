@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runmap.paths import runtime_dir
+from runmap.paths import open_private, runtime_subdir
 
 if TYPE_CHECKING:
     from runmap.cluster.base import Cluster
@@ -60,9 +60,7 @@ _records: weakref.WeakKeyDictionary[Cluster, _Record] = weakref.WeakKeyDictionar
 
 
 def registry_dir() -> Path:
-    path = runtime_dir() / "clusters"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    return runtime_subdir("clusters")
 
 
 # ---------------------------------------------------------------- writing (the client)
@@ -126,7 +124,8 @@ def _forget(cluster: Cluster) -> None:
 
 def _write(path: Path, entry: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # left by a writer that died: O_EXCL below must create it anew
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     with os.fdopen(fd, "w") as f:
         json.dump(entry, f)
     os.replace(tmp, path)

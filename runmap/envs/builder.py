@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runmap.envs.env import Env
 from runmap.exceptions import ClusterError
-from runmap.paths import cache_dir
+from runmap.paths import cache_dir, open_private
 
 DONE_MARKER = ".runmap-built"
 BUILD_TIMEOUT = 1800
@@ -44,12 +44,11 @@ def pip_arguments(reqs: tuple[str, ...], base: str | None = None) -> list[str]:
 
 def build_venv(env: Env) -> str:
     """The interpreter of ``env``'s virtual environment, built if need be."""
-    root = cache_dir() / "envs" / env.content_hash
+    root = cache_dir("envs") / env.content_hash
     python = venv_python(root)
     if (root / DONE_MARKER).exists():
         return str(python)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f"{env.content_hash}.lock", "w") as lock:
+    with os.fdopen(open_private(root.parent / f"{env.content_hash}.lock", os.O_WRONLY | os.O_CREAT), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / DONE_MARKER).exists():
             _build(env, root)

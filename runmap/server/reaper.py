@@ -1,0 +1,95 @@
+"""Nothing a replica's user code forks outlives the replica.
+
+A servlet starts in a session and process group of its own, so its launcher can
+signal the whole group. A child that calls ``setsid`` (a daemon) leaves the
+group, though, and a grandchild whose parent exits is re-parented away from the
+servlet. On Linux the servlet therefore makes itself a *child subreaper*
+(``PR_SET_CHILD_SUBREAPER``): every orphan among its descendants is re-parented
+to it instead of to init, so at exit it finds them all among its descendants
+and ends them (:func:`end_descendants`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+
+PR_SET_CHILD_SUBREAPER = 36
+TERM_GRACE = 0.5
+
+
+def become_subreaper() -> bool:
+    """Makes this process the reaper of its orphaned descendants (Linux); says whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid``, read from ``/proc`` (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == b"Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def end_descendants(grace: float = TERM_GRACE) -> None:
+    """SIGTERM to every descendant of this process, SIGKILL to those left after ``grace``."""
+    me = os.getpid()
+    pids = descendants(me)
+    if not pids:
+        return
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap()
+        pids = descendants(me)
+        if not pids:
+            return
+        time.sleep(0.02)
+    _signal_all(descendants(me), signal.SIGKILL)
+    _reap()
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def _reap() -> None:
+    """Collects exited children (orphans re-parented here included), so they stop counting."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return

@@ -1,0 +1,130 @@
+"""Another user of the same machine must not reach the client's work.
+
+The attacker is a second local user, created here. They can write a shared
+working directory and create directories in the shared temp directory; the
+client runs a map from there, as the user it is (root in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from users import ensure_user, run_as
+
+ATTACKER = "rmattacker"
+
+CLIENT = textwrap.dedent(
+    """
+    import runmap as rm
+    print(rm.mapper(lambda n: n * n, num_replicas=2).map(range(6), progress=False))
+    """
+)
+
+
+@pytest.fixture
+def tmp_open() -> Iterator[Path]:
+    """A temp directory other users can reach (pytest's own are private to this user)."""
+    path = Path(tempfile.mkdtemp(prefix="runmap-other-user-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def stage(tmp_open: Path) -> dict[str, Path]:
+    """A shared working directory with a planted ``runmap``, and a shared temp directory."""
+    ensure_user(ATTACKER)
+    tmp_path = tmp_open
+    shared, tmp = tmp_path / "shared", tmp_path / "tmp"
+    for d in (shared, tmp):
+        d.mkdir()
+        d.chmod(0o1777)
+    evidence = tmp / "planted-code-ran"
+    # The planted package: if any servlet imports it, it leaves evidence (a real attack reads the token).
+    run_as(
+        ATTACKER,
+        f"""
+        mkdir -p {shared}/runmap/server
+        echo 'open("{evidence}", "w").write("ran")' > {shared}/runmap/__init__.py
+        cp {shared}/runmap/__init__.py {shared}/runmap/server/__init__.py
+        cp {shared}/runmap/__init__.py {shared}/runmap/server/__main__.py
+        """,
+    )
+    client = tmp_path / "client"
+    client.mkdir()
+    (client / "client.py").write_text(CLIENT)
+    secret = tmp_path / "root-only"
+    secret.write_text("secret\n")
+    secret.chmod(0o600)
+    return {"shared": shared, "tmp": tmp, "evidence": evidence, "client": client / "client.py", "secret": secret}
+
+
+def run_client(stage: dict[str, Path], **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("RUNMAP_HOME", "XDG_RUNTIME_DIR")}
+    return subprocess.run(
+        [sys.executable, str(stage["client"])],
+        cwd=stage["shared"],  # the client runs from the directory the attacker writes
+        env={**base, "TMPDIR": str(stage["tmp"]), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_planted_runmap_in_the_working_directory_is_not_imported(stage: dict[str, Path], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    out = run_client(stage, RUNMAP_HOME=str(home))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("[0, 1, 4, 9, 16, 25]")
+    assert not stage["evidence"].exists(), "a servlet imported the attacker's runmap"
+
+
+def test_a_runtime_directory_made_by_another_user_is_refused(stage: dict[str, Path]) -> None:
+    hostile = stage["tmp"] / f"runmap-{os.getuid()}"
+    run_as(
+        ATTACKER,
+        f"""
+        mkdir -p {hostile}/logs/local {hostile}/clusters
+        chmod -R 0777 {hostile}
+        for i in 1 2 3 4 5 6 7 8; do ln -s {stage["secret"]} {hostile}/logs/local/lambda_replica_$i.log; done
+        ln -s {stage["secret"]} {hostile}/logs/local/lambda.log
+        """,
+    )
+    out = run_client(stage)
+    assert out.returncode != 0
+    assert f"refusing runmap's runtime directory {hostile}" in out.stderr
+    assert f"owned by uid {ensure_user(ATTACKER).pw_uid} ({ATTACKER})" in out.stderr
+    assert "Traceback" not in out.stderr.split("UnsafePathError")[-1]  # the error, not a lower library's
+    assert stage["secret"].read_text() == "secret\n", "servlet output was written through the symlink"
+    assert not stage["evidence"].exists()
+
+
+def test_a_runtime_directory_open_to_others_is_refused_even_if_it_is_ours(stage: dict[str, Path]) -> None:
+    mine = stage["tmp"] / f"runmap-{os.getuid()}"
+    mine.mkdir()
+    mine.chmod(0o777)
+    out = run_client(stage)
+    assert out.returncode != 0
+    assert "is writable by others (mode 0777)" in out.stderr
+
+
+def test_log_files_are_not_opened_through_symlinks(tmp_path: Path) -> None:
+    from runmap.paths import UnsafePathError, open_private
+
+    target = tmp_path / "target"
+    target.write_text("x")
+    link = tmp_path / "link.log"
+    link.symlink_to(target)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        open_private(link)
+    fd = open_private(tmp_path / "new.log")
+    os.close(fd)
+    assert (tmp_path / "new.log").stat().st_mode & 0o777 == 0o600
