@@ -20,7 +20,8 @@ from runmap import logs
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
 from runmap.exceptions import ClusterError, ConfigError
-from runmap.paths import log_dir
+from runmap.paths import log_dir, open_private
+from runmap.server.command import servlet_command
 from runmap.servlet import HTTPServlet, describe_returncode
 
 START_TIMEOUT = 60.0
@@ -48,8 +49,10 @@ class LocalServlet(HTTPServlet):
 
     def release(self) -> None:
         super().release()
-        if self.proc.poll() is not None and self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()  # reaped by poll(); the pipe is all that is left
+        if self.proc.poll() is not None:
+            _kill_group(self.proc.pid)  # what its user code forked outlives a servlet that was killed
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()  # reaped by poll(); the pipe is all that is left
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -58,18 +61,20 @@ class LocalServlet(HTTPServlet):
 
     def _terminate(self) -> None:
         proc = self.proc
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # End-of-file on its stdin is the servlet's signal to leave: it ends what
+        # its user code forked, then itself (runner.leave). SIGKILL if it takes too long.
         if proc.stdin is not None and not proc.stdin.closed:
             try:
                 proc.stdin.close()
             except OSError:
                 pass
+        if proc.poll() is None:
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _kill_group(proc.pid)
         logs.unfollow(self)
 
 
@@ -83,6 +88,9 @@ class LocalCluster(Cluster):
         max_body: the largest request body, in bytes, a servlet accepts.
         stream_logs: print what servlets print on this client's stdout, each
             line prefixed with the replica's name. Their log files are kept either way.
+        log_max_bytes: the cap on one replica's log file, past which it is renamed
+            ``<replica>.log.1`` (replacing an older one) and a new one begun, so a
+            replica keeps at most twice this on disk. None: 64 MiB.
 
     Example:
         >>> import runmap as rm
@@ -95,12 +103,20 @@ class LocalCluster(Cluster):
     kind = "local"
 
     def __init__(
-        self, name: str = "local", host: str = LOOPBACK, max_body: int = 1 << 30, stream_logs: bool = True
+        self,
+        name: str = "local",
+        host: str = LOOPBACK,
+        max_body: int = 1 << 30,
+        stream_logs: bool = True,
+        log_max_bytes: int | None = None,
     ) -> None:
+        if log_max_bytes is not None and log_max_bytes < 1:
+            raise ConfigError(f"log_max_bytes must be a positive number of bytes, not {log_max_bytes!r}")
         super().__init__(name)
         self.host = host
         self.max_body = max_body
         self.stream_logs = stream_logs
+        self.log_max_bytes = log_max_bytes
 
     def python_for(self, env: Env) -> str:
         """The interpreter a servlet of ``env`` runs on."""
@@ -122,19 +138,25 @@ class LocalCluster(Cluster):
             "port": 0,
             "max_body": self.max_body,
             "sys_path": client_sys_path(with_site_packages=not env.reqs),
+            "working_dir": env.working_dir,
+            "log": str(log),  # the servlet writes it, capped at log_max_bytes (runmap/server/logfile.py)
+            "log_max_bytes": self.log_max_bytes,
         }
         child_env = {**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"}
-        log_start = log.stat().st_size if log.exists() else 0  # stream this launch's lines only
-        with open(log, "ab") as log_file:
+        log_fd = open_private(log)
+        try:
+            log_start = os.fstat(log_fd).st_size  # stream this launch's lines only
             proc = subprocess.Popen(
-                [python, "-m", "runmap.server"],
+                servlet_command(python, sys.version_info[:2]),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=log_file,
+                stderr=log_fd,
                 env=child_env,
                 cwd=env.working_dir or os.getcwd(),
                 start_new_session=True,
             )
+        finally:
+            os.close(log_fd)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(json.dumps(config).encode() + b"\n")
@@ -160,6 +182,14 @@ class LocalCluster(Cluster):
         if self.stream_logs:
             logs.follow(servlet, log, log_start)
         return servlet
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to what is left of a servlet's process group (it leads one: ``start_new_session``)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass  # nothing is left in it
 
 
 def client_sys_path(with_site_packages: bool) -> list[str]:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from typing import Any
+
+from runmap.server import logfile
 
 PARENT_POLL_SECONDS = 0.5
 EXIT_GRACE_SECONDS = 2.0
@@ -94,16 +97,22 @@ def server_config(app: Any) -> Any:
 
 def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
-    for path in reversed(config.get("sys_path", [])):
-        if path not in sys.path:
-            sys.path.insert(0, path)
     name = config["name"]
     os.environ["RUNMAP_REPLICA"] = name
 
+    # runmap's own stack is imported before any path of the user's is added (see command.py).
     import uvicorn
 
     from runmap.server.app import DEFAULT_MAX_BODY, build_app
+    from runmap.server.reaper import become_subreaper
     from runmap.server.state import ServletState
+
+    user_paths = [config["working_dir"]] if config.get("working_dir") else []
+    for path in reversed(user_paths + config.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    become_subreaper()
+    log = logfile.from_config(config)  # before the ready line: a symlink there fails the start
 
     sock = bind(config.get("host", "127.0.0.1"), int(config.get("port", 0)))
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
@@ -112,15 +121,28 @@ def main() -> None:
     def shutdown() -> None:
         server.should_exit = True
         # If a user call is stuck, graceful shutdown never completes: leave anyway.
-        threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(0,)).start()
+        threading.Timer(EXIT_GRACE_SECONDS, leave).start()
 
     watch_parent(shutdown)
     sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
-    # From here on, whatever user code prints goes to the servlet's log.
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    # From here on, whatever user code prints goes to the servlet's log (capped: logfile.py).
+    logfile.capture(log)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it found: leave.
+    signal.signal(signal.SIGTERM, lambda *_: leave())
     server.run(sockets=[sock])
-    # Threads still running user code must not keep the process alive.
+    leave()
+
+
+def leave() -> None:
+    """Ends the servlet: first whatever user code forked, then the process, threads and all.
+
+    Threads still running user code must not keep the process alive, hence ``os._exit``.
+    """
+    from runmap.server.reaper import end_descendants
+
+    end_descendants()
+    logfile.drain()
     os._exit(0)
 
 
