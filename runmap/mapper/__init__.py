@@ -25,6 +25,9 @@ def mapper(target: Any, method: str | None = None, **kwargs: Any) -> Mapper:
         timeout: seconds any one request may take.
         retries: how often an input may be re-run after replicas die under it.
         replace_dead: start a replacement for a replica that dies.
+        liveness_timeout: seconds a replica may go without answering a health
+            probe (default 30) before it is killed as frozen and its inputs run
+            elsewhere; None turns the probe off.
         cluster, env: where a plain callable is placed.
         stream_logs: show what the replicas print on this client's stdout,
             each line prefixed with the replica's name (default True). False

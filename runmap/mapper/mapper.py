@@ -26,6 +26,7 @@ from runmap import serialization as ser
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
 from runmap.exceptions import ConfigError, RunmapError
+from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT
 from runmap.mapper.pool import Replica, ReplicaPool
 from runmap.mapper.run import MapRun, input_len, parse_options, zip_inputs
 from runmap.mapper.targets import resolve_target
@@ -66,6 +67,7 @@ class Mapper:
         retries: int = 3,
         retry_exceptions: bool | type[BaseException] | tuple[type[BaseException], ...] = False,
         replace_dead: bool = True,
+        liveness_timeout: float | None = DEFAULT_LIVENESS_TIMEOUT,
         cluster: Cluster | None = None,
         env: Env | None = None,
         stream_logs: bool = True,
@@ -81,6 +83,11 @@ class Mapper:
         _check_positive("concurrency", concurrency)
         if num_replicas is not None:
             _check_positive("num_replicas", num_replicas)
+        if liveness_timeout is not None and not (
+            isinstance(liveness_timeout, (int, float)) and not isinstance(liveness_timeout, bool)
+            and liveness_timeout > 0
+        ):
+            raise ConfigError(f"liveness_timeout must be a number of seconds > 0, or None, not {liveness_timeout!r}")
         if not isinstance(retries, int) or retries < 0:
             raise ConfigError(f"retries must be an int >= 0, not {retries!r}")
         self.concurrency = concurrency
@@ -108,7 +115,7 @@ class Mapper:
             logs.silence(remote, *supplied)
         if num_replicas is None:
             num_replicas = plain_total if plain else 1 + len(supplied)
-        self._pool = ReplicaPool(self.method, concurrency, retries, self._on_lost)
+        self._pool = ReplicaPool(self.method, concurrency, retries, self._on_lost, liveness_timeout)
         _open_mappers.add(self)
         try:
             self._pool.add(remote, owned)

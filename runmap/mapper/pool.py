@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 
 from runmap import serialization as ser
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
+from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT, LivenessMonitor, probe
 from runmap.mapper.tasks import Task, TaskQueue
 from runmap.module import Remote
 from runmap.transport.base import Channel
 
 EXIT_WAIT = 1.0  # how long to wait for a dead replica's exit code
+PROBE_TIMEOUT = 2.0  # how long a replica whose call timed out has to answer a health probe
 
 
 @dataclass(eq=False)
@@ -39,6 +41,7 @@ class Replica:
     remote: Remote
     owned: bool
     retired: bool = False
+    frozen: bool = False  # retired for not answering health probes
     reason: str = ""
     slots: list[threading.Thread] = field(default_factory=list)
     channels: list[Channel] = field(default_factory=list)
@@ -59,6 +62,8 @@ class ReplicaPool:
         on_lost: called with a retired replica, to start a replacement; it
             returns whether one is coming (and must then call :meth:`add` or
             :meth:`replacement_failed`).
+        liveness_timeout: seconds a replica may go without answering a health
+            probe before it is killed as frozen (None: never probe).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class ReplicaPool:
         concurrency: int,
         retries: int,
         on_lost: Callable[[Replica], bool],
+        liveness_timeout: float | None = DEFAULT_LIVENESS_TIMEOUT,
     ) -> None:
         self.method = method
         self.concurrency = concurrency
@@ -78,6 +84,8 @@ class ReplicaPool:
         self._pending_replacements = 0
         self._broken: ReplicaDiedError | None = None
         self._closing = False
+        self.liveness_timeout = liveness_timeout
+        self._liveness = LivenessMonitor(self, liveness_timeout) if liveness_timeout else None
 
     # -------------------------------------------------------------- replicas
 
@@ -152,7 +160,7 @@ class ReplicaPool:
                     continue
                 started = time.perf_counter()
                 try:
-                    data = channel.call(module, method, task.payload, task.timeout)
+                    data = channel.call(module, method, task.payload, task.timeout, task.in_thread)
                 except ReplicaTimeoutError as exc:
                     self._timed_out(replica, task, exc)
                     return
@@ -190,7 +198,12 @@ class ReplicaPool:
         if self._closing:
             task.sink.failed(task, exc)
             return
-        self._retire(replica, self._death_reason(replica, exc))
+        if not replica.retired:
+            self._retire(replica, self._death_reason(replica, exc))
+        if replica.frozen:
+            # A call the servlet ran on its event loop that turned long looks frozen
+            # from here (the loop answers health probes): run it in a thread next time.
+            task.in_thread = True
         task.attempts += 1
         task.lost_on.append(replica.name)
         if task.count > 1 and task.attempts <= self.retries:
@@ -210,6 +223,11 @@ class ReplicaPool:
             self.submit(task, front=True)
 
     def _timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:
+        if not self._answers(replica):
+            # A frozen replica, not a slow input: the replica failed, so the input is retried.
+            self.retire_frozen(replica, f"stopped answering during a call of {task.timeout:g} s (frozen?)")
+            self._lost(replica, task, ReplicaDiedError(f"{replica.name} stopped answering", replica.name))
+            return
         # Python can't stop the thread running the call: the replica has to go.
         self._retire(replica, f"killed after a call outlived its timeout of {task.timeout:g} s", kill=True)
         if task.count > 1:
@@ -235,6 +253,23 @@ class ReplicaPool:
         if reason.startswith("SIG") or reason.startswith("exit code"):
             return f"died: {reason}"
         return reason
+
+    def _answers(self, replica: Replica) -> bool:
+        """Whether ``replica`` answers a health probe now (on a connection of its own)."""
+        channel = replica.remote.servlet.open_channel()
+        try:
+            return probe(channel, PROBE_TIMEOUT)
+        finally:
+            channel.close()
+
+    def retire_frozen(self, replica: Replica, reason: str) -> None:
+        """Kills and retires a replica that is running but does not answer; its calls run again elsewhere."""
+        replica.frozen = True
+        self._retire(replica, reason, kill=True)
+
+    def retire_dead(self, replica: Replica) -> None:
+        """Retires a replica whose servlet has ended, noticed while it may have been idle."""
+        self._retire(replica, f"died: {replica.remote.servlet.exit_reason()}")
 
     def _retire(self, replica: Replica, reason: str, kill: bool = False) -> None:
         with self._lock:
@@ -286,6 +321,8 @@ class ReplicaPool:
         with self._lock:
             self._closing = True
             replicas = list(self.replicas)
+        if self._liveness is not None:
+            self._liveness.close()
         self.tasks.close()
         # Work that never started must still get an answer: a future or a map
         # waiting on it would otherwise wait forever.

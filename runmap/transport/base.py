@@ -19,11 +19,20 @@ class Channel(Protocol):
 
     def delete_module(self, name: str) -> None: ...
 
-    def call(self, module: str, method: str | None, payload: bytes, timeout: float | None = None) -> bytes:
-        """Runs a serialized chunk; returns the serialized outcome."""
+    def call(
+        self, module: str, method: str | None, payload: bytes, timeout: float | None = None, in_thread: bool = False
+    ) -> bytes:
+        """Runs a serialized chunk; returns the serialized outcome.
+
+        ``in_thread`` asks the servlet to run it in a thread even if it would run it on its event loop.
+        """
         ...
 
     def info(self) -> dict[str, Any]: ...
+
+    def ping(self, timeout: float) -> None:
+        """Returns once the servlet answers ``GET /health``; raises if it doesn't within ``timeout``."""
+        ...
 
     def close(self) -> None: ...
 

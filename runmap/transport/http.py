@@ -62,12 +62,19 @@ class HTTPChannel:
     def delete_module(self, name: str) -> None:
         self._request(b"DELETE", f"/modules/{quote(name, safe='')}", b"", None)
 
-    def call(self, module: str, method: str | None, payload: bytes, timeout: float | None = None) -> bytes:
+    def call(
+        self, module: str, method: str | None, payload: bytes, timeout: float | None = None, in_thread: bool = False
+    ) -> bytes:
         path = f"/call/{quote(module, safe='')}/{quote(method or '__call__', safe='')}"
+        if in_thread:
+            path += "?thread"
         return self._request(b"POST", path, payload, timeout)
 
     def info(self) -> dict[str, Any]:
         return json.loads(self._request(b"GET", "/info", b"", None))  # type: ignore[no-any-return]
+
+    def ping(self, timeout: float) -> None:
+        self._request(b"GET", "/health", b"", timeout)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

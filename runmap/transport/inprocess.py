@@ -30,13 +30,18 @@ class InProcessChannel:
         self._check()
         self.state.delete_module(name)
 
-    def call(self, module: str, method: str | None, payload: bytes, timeout: float | None = None) -> bytes:
+    def call(
+        self, module: str, method: str | None, payload: bytes, timeout: float | None = None, in_thread: bool = False
+    ) -> bytes:
         self._check()
         return self.state.call(module, method, payload)
 
     def info(self) -> dict[str, Any]:
         self._check()
         return self.state.info()
+
+    def ping(self, timeout: float) -> None:
+        self._check()
 
     def close(self) -> None:
         pass
