@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from sshd_hosts import ssh_hosts  # noqa: F401  (session fixture: real sshd hosts on loopback)
 
 import runmap as rm
 from runmap.cluster.inprocess import InProcessCluster
