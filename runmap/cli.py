@@ -72,15 +72,16 @@ def cmd_status(as_json: bool = False) -> int:
         print("no runmap clusters are running")
         return 0
     now = time.time()
-    rows = [("CLUSTER", "KIND", "CLIENT", "REPLICA", "ENV", "PID", "ADDRESS", "UPTIME")]
+    rows = [("CLUSTER", "KIND", "CLIENT", "REPLICA", "ENV", "HOST", "PID", "ADDRESS", "UPTIME")]
     for e in entries:
         client = str(e.pid) if e.client_alive else f"{e.pid} (gone)"
         if not e.servlets:
-            rows.append((e.name, e.kind, client, "-", "-", "-", "-", uptime(now - e.started)))
+            rows.append((e.name, e.kind, client, "-", "-", "-", "-", "-", uptime(now - e.started)))
         for s in e.servlets:
-            address = f"{s.host}:{s.port}" if s.host and s.port else "-"
             pid = str(s.pid) if s.pid is not None else "-"
-            rows.append((e.name, e.kind, client, s.name, s.env, pid, address, uptime(now - s.started)))
+            rows.append(
+                (e.name, e.kind, client, s.name, s.env, s.host or "-", pid, s.endpoint or "-", uptime(now - s.started))
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -107,7 +108,8 @@ def _as_dict(e: registry.ClusterEntry) -> dict[str, object]:
         "client_alive": e.client_alive,
         "started": e.started,
         "servlets": [
-            {k: getattr(s, k) for k in ("name", "env", "pid", "host", "port", "started", "log")} for s in e.servlets
+            {k: getattr(s, k) for k in ("name", "env", "host", "pid", "local_pid", "endpoint", "started", "log")}
+            for s in e.servlets
         ],
     }
 
@@ -123,18 +125,18 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
     signalled: list[registry.ServletEntry] = []
     for e in entries:
         for s in e.servlets:
-            if s.pid is None or not s.here:
-                print(f"{e.name}/{s.name}: a {e.kind} servlet, not a process here; close its cluster from its client")
+            if s.local_pid is None:
+                print(f"{e.name}/{s.name}: a {e.kind} servlet on another machine; close its cluster from its client")
             elif not s.is_servlet_process():
-                print(f"{e.name}/{s.name}: pid {s.pid} is no longer a runmap servlet; left alone")
-            elif _signal(s.pid, signal.SIGTERM):
+                print(f"{e.name}/{s.name}: pid {s.local_pid} is no longer a runmap servlet; left alone")
+            elif _signal(s.local_pid, signal.SIGTERM):
                 signalled.append(s)
     deadline = time.monotonic() + grace
     while any(s.alive for s in signalled) and time.monotonic() < deadline:
         time.sleep(0.05)
     for s in signalled:
         if s.alive and s.is_servlet_process():
-            _signal(s.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            _signal(s.local_pid, signal.SIGKILL)  # type: ignore[arg-type]
     for e in entries:
         e.path.unlink(missing_ok=True)
         ended = [s.name for s in signalled if s.cluster is e]

@@ -133,7 +133,7 @@ class RemoteClass:
         self.servlet = servlet
 
     def __call__(self, *args: Any, **kwargs: Any) -> RemoteInstance:
-        spec = ser.dump_module((CLASS, self.cls, args, kwargs))
+        spec = ser.dump_module((CLASS, self.cls, args, kwargs), self.servlet.cluster.remote_files)
         return RemoteInstance.place(self.servlet, _module_name(self.cls), spec)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
@@ -150,8 +150,9 @@ class Function:
 
     def to(self, cluster: Cluster | None = None, env: Env | None = None) -> RemoteFunction:
         """Places the function in ``env``'s servlet on ``cluster`` (started if need be)."""
-        spec = ser.dump_module((FUNCTION, self.fn, (), {}))  # before starting anything: it may fail
-        servlet = _resolve_cluster(cluster).servlet(env)
+        where = _resolve_cluster(cluster)
+        spec = ser.dump_module((FUNCTION, self.fn, (), {}), where.remote_files)  # before starting: it may fail
+        servlet = where.servlet(env)
         return RemoteFunction.place(servlet, _module_name(self.fn), spec)  # type: ignore[return-value]
 
 

@@ -1,25 +1,27 @@
 """The cluster registry: what runmap runs on this machine, for the ``runmap`` command.
 
 Every open cluster keeps one small JSON file under ``runtime_dir()/clusters``:
-its name, kind, the client's pid, and for each servlet its name, env, pid, host,
-port, start time and log path. Never the token: the registry says where
-servlets are, not how to call them.
+its name, kind, the client's pid, and for each servlet a plain record of it
+(:meth:`runmap.servlet.Servlet.describe`): name, env, endpoint address, host,
+pid where it runs, the pid of a process of *this* machine whose end ends it
+(the servlet itself, or the SSH session that runs it on a host), start time and
+log path. Never the token: the registry says where servlets are, not how to
+call them.
 
 Only the client writes its own file (atomically, by rename), on every servlet
 start and stop, and removes it on close. Readers (``runmap status``) skip the
 servlets whose processes are gone and delete the files whose client and
 servlets are all gone, so a client killed with SIGKILL leaves nothing for long.
 
-    {"name": "local", "kind": "local", "pid": 4242, "pid_start": 81234, "here": true,
-     "started": 1718000000.0,
-     "servlets": [{"name": "power", "env": "power", "pid": 4250, "pid_start": 81302,
-                   "host": "127.0.0.1", "port": 41234, "started": 1718000001.2,
-                   "log": "/run/user/1000/runmap/logs/local/power.log"}]}
+    {"name": "hosts", "kind": "ssh", "pid": 4242, "pid_start": 81234, "started": 1718000000.0,
+     "servlets": [{"name": "power", "env": "power", "endpoint": "/run/user/0/runmap/fwd/x.sock",
+                   "host": "host-a", "pid": 5120, "local_pid": 4250, "local_pid_start": 81302,
+                   "started": 1718000001.2, "log": "/run/user/0/runmap/logs/hosts/power.log"}]}
 
-A pid is recorded with its process's start time (``pid_start``, Linux), so a pid
-the system has given to another process since is not taken for the old one.
-``here`` says whether servlet pids are processes of this machine; servlets that
-are not (Ray actors on other nodes) are listed while their client lives.
+A local pid is recorded with its process's start time (Linux), so a pid the
+system has given to another process since is not taken for the old one. A
+servlet with no local pid (a Ray actor on another node) is listed while its
+client lives.
 """
 
 from __future__ import annotations
@@ -39,12 +41,7 @@ from runmap.paths import open_private, runtime_subdir
 if TYPE_CHECKING:
     from runmap.cluster.base import Cluster
 
-SERVLET_COMMAND = "runmap.server"  # in the command line of every local servlet
-# Kinds whose servlet pids are processes of this machine. Other kinds' servlets
-# (Ray actors on other nodes) are taken to live as long as their client does.
-LOCAL_KINDS = ("local", "inprocess")
-
-
+SERVLET_COMMAND = "runmap.server"  # in the command line of every servlet process and SSH session
 
 @dataclass
 class _Record:
@@ -78,21 +75,13 @@ def update(cluster: Cluster) -> None:
             path = registry_dir() / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
             record = _records[cluster] = _Record(path, now)
         started = record.servlets_started
-        here = cluster.kind in LOCAL_KINDS
         servlets = []
         for s in cluster.servlets:
-            servlets.append(
-                {
-                    "name": s.name,
-                    "env": s.env.origin,
-                    "pid": s.pid,
-                    "pid_start": process_start(s.pid) if here and s.pid is not None else None,
-                    "host": getattr(s, "host", None),
-                    "port": getattr(s, "port", None),
-                    "started": started.setdefault(s.name, now),
-                    "log": str(getattr(s, "log_path", "") or "") or None,
-                }
-            )
+            described = s.describe()
+            local_pid = described["local_pid"]
+            described["local_pid_start"] = process_start(local_pid) if local_pid is not None else None
+            described["started"] = started.setdefault(s.name, now)
+            servlets.append(described)
         for gone in set(started) - {s["name"] for s in servlets}:
             del started[gone]
         entry = {
@@ -100,7 +89,6 @@ def update(cluster: Cluster) -> None:
             "kind": cluster.kind,
             "pid": os.getpid(),
             "pid_start": process_start(os.getpid()),
-            "here": here,
             "started": record.started,
             "servlets": servlets,
         }
@@ -138,28 +126,28 @@ def _write(path: Path, entry: dict[str, Any]) -> None:
 class ServletEntry:
     name: str
     env: str
-    pid: int | None
+    endpoint: str | None
     host: str | None
-    port: int | None
+    pid: int | None
+    local_pid: int | None
     started: float
     log: str | None
-    pid_start: int | None = None
+    local_pid_start: int | None = None
     cluster: ClusterEntry | None = field(default=None, repr=False)
 
     @property
-    def here(self) -> bool:
-        """Whether :attr:`pid` is a process of this machine."""
-        return self.pid is not None and (self.cluster is None or self.cluster.here)
-
-    @property
     def alive(self) -> bool:
-        if not self.here:
+        if self.local_pid is None:
             return self.cluster is not None and self.cluster.client_alive
-        return pid_alive(self.pid, self.pid_start)  # type: ignore[arg-type]
+        return pid_alive(self.local_pid, self.local_pid_start)
 
     def is_servlet_process(self) -> bool:
-        """Whether the recorded pid is still a runmap servlet (and not a recycled pid)."""
-        return self.pid is not None and SERVLET_COMMAND in command_line(self.pid)
+        """Whether the recorded local pid is still this servlet's process (not a recycled pid)."""
+        if self.local_pid is None:
+            return False
+        if self.local_pid_start is not None:
+            return pid_alive(self.local_pid, self.local_pid_start)
+        return SERVLET_COMMAND in command_line(self.local_pid)
 
 
 @dataclass
@@ -171,7 +159,6 @@ class ClusterEntry:
     servlets: list[ServletEntry]
     path: Path
     pid_start: int | None = None
-    here: bool = True
 
     @property
     def client_alive(self) -> bool:
@@ -195,7 +182,6 @@ def load(clean: bool = True) -> list[ClusterEntry]:
                 servlets=[],
                 path=path,
                 pid_start=raw.get("pid_start"),
-                here=bool(raw.get("here", True)),
             )
             for s in raw["servlets"]:
                 servlet = ServletEntry(**{k: s.get(k) for k in ServletEntry.__dataclass_fields__ if k != "cluster"})

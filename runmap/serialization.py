@@ -25,6 +25,7 @@ bytes object copies it two or three times as its output grows, and the
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import traceback
@@ -261,9 +262,17 @@ def load_outcome(data: bytes | bytearray | memoryview) -> Outcome:
 # ------------------------------------------------------------------- modules
 
 
-def dump_module(obj: Any) -> bytes:
-    """Serializes a function or class with its code when it isn't importable remotely."""
+def dump_module(obj: Any, by_value: bool = False) -> bytes:
+    """Serializes a function or class with its code when it isn't importable remotely.
+
+    With ``by_value`` (a cluster on other machines, which have runmap and the
+    env's packages but not the client's own files), functions and classes of the
+    client's own modules (not installed packages) travel by value too.
+    """
     buf = io.BytesIO()
+    shipped = _own_modules(obj) if by_value else []
+    for module in shipped:
+        cloudpickle.register_pickle_by_value(module)
     try:
         cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
     except Exception as exc:
@@ -273,4 +282,26 @@ def dump_module(obj: Any) -> bytes:
             "A function or class travels with what it refers to: locks, sockets and open files can't.",
             side="argument",
         ) from exc
+    finally:
+        for module in shipped:
+            cloudpickle.unregister_pickle_by_value(module)
     return buf.getvalue()
+
+
+def _own_modules(obj: Any) -> list[Any]:
+    """The client's own modules (not the standard library, not installed packages) that ``obj`` comes from."""
+    import sys
+    import sysconfig
+
+    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    parts = obj if isinstance(obj, tuple) else (obj,)
+    found = []
+    for part in parts:
+        name = getattr(part, "__module__", None)
+        module = sys.modules.get(name or "")
+        path = getattr(module, "__file__", None)
+        if module is None or path is None or not name or name == "__main__" or name.split(".")[0] == "runmap":
+            continue
+        if not any(os.path.abspath(path).startswith(os.path.abspath(p) + os.sep) for p in installed):
+            found.append(module)
+    return found

@@ -1,67 +1,60 @@
 """The client's handle on a running servlet, whatever cluster it runs on.
 
-A cluster launches servlets and hands back a :class:`Servlet`; everything above
-(remote modules, the Mapper) talks to it through channels and asks it whether
-it is alive and, if not, what happened to it.
+A servlet is two things, whichever kind of cluster launched it:
+
+- an :class:`~runmap.transport.endpoint.Endpoint`: how to reach it (a small
+  value that can be pickled and sent to another process);
+- a :class:`~runmap.cluster.process.ServletProcess`: what runs it, how it
+  ended, how to stop it, how to watch it, where its log is.
+
+Everything above (remote modules, the Mapper's pool, the registry) talks to a
+replica through this class only, so local, SSH and Ray replicas are reached,
+watched, replaced and logged the same way.
 """
 
 from __future__ import annotations
 
-import signal
 import threading
-from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from runmap.cluster.process import ExitStatus, ServletProcess
 from runmap.transport.base import Channel
-from runmap.transport.http import HTTPChannel
+from runmap.transport.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from runmap.cluster.base import Cluster
     from runmap.envs.env import Env
 
 
-def describe_returncode(code: int | None) -> str:
-    """``-9`` -> ``"SIGKILL(-9)"``, ``1`` -> ``"exit code 1"``, as loky words it."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"{signal.Signals(-code).name}({code})"
-        except ValueError:
-            return f"signal {-code}({code})"
-    return f"exit code {code}"
+class Servlet:
+    """One env replica on one cluster: its endpoint and its process.
 
+    Attributes:
+        name: the replica's name (its env's).
+        env: the env it runs.
+        cluster: the cluster that launched it.
+        endpoint: how to reach it.
+        process: what runs it.
+    """
 
-class Servlet(ABC):
-    """A servlet process: one env replica on one cluster."""
-
-    def __init__(self, name: str, env: Env, cluster: Cluster) -> None:
-        self.name = name
+    def __init__(self, env: Env, cluster: Cluster, endpoint: Endpoint, process: ServletProcess) -> None:
+        self.name = env.name
         self.env = env
         self.cluster = cluster
+        self.endpoint = endpoint
+        self.process = process
         self._local = threading.local()
         self._channels: list[Channel] = []
         self._lock = threading.Lock()
-        self._stopped = False
+        self._watchers: list[Callable[[Servlet], None]] = []
+        self._watching = False
 
-    @abstractmethod
+    # ------------------------------------------------------------- reaching
+
     def open_channel(self) -> Channel:
         """A new connection, owned by the caller, who must close it."""
-
-    @abstractmethod
-    def is_alive(self) -> bool: ...
-
-    @abstractmethod
-    def _terminate(self) -> None:
-        """Ends the process (or actor); must be safe to call twice."""
-
-    @property
-    def pid(self) -> int | None:
-        return None
-
-    def exit_reason(self) -> str:
-        """What became of the process: ``"SIGKILL(-9)"``, ``"exit code 1"``, ..."""
-        return "stopped" if self._stopped else ("running" if self.is_alive() else "gone")
+        return self.endpoint.open_channel()
 
     def channel(self) -> Channel:
         """This thread's shared connection, for one-off calls from user code."""
@@ -73,47 +66,85 @@ class Servlet(ABC):
                 self._channels.append(chan)
         return chan
 
+    # ------------------------------------------------------------- watching
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def host(self) -> str:
+        return self.process.host
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    def exit_status(self) -> ExitStatus | None:
+        """``None`` while it runs; how it ended (data: code, signal, host lost, ...) once it has."""
+        return self.process.poll()
+
+    def exit_reason(self) -> str:
+        """What became of the process, in words: ``"SIGKILL(-9)"``, ``"exit code 1"``, ``"running"``."""
+        status = self.process.poll()
+        return "running" if status is None else str(status)
+
+    def on_exit(self, callback: Callable[[Servlet], None]) -> None:
+        """Calls ``callback(self)`` once, as soon as the process ends (from another thread)."""
+        with self._lock:
+            self._watchers.append(callback)
+            start = not self._watching
+            self._watching = True
+        if start:
+            self.process.watch(self._exited)
+
+    def forget_watcher(self, callback: Callable[[Servlet], None]) -> None:
+        with self._lock:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+    def _exited(self) -> None:
+        with self._lock:
+            watchers, self._watchers = self._watchers, []
+        for callback in watchers:
+            callback(self)
+
+    # ------------------------------------------------------------- stopping
+
     def stop(self) -> None:
         """Ends the servlet and closes the connections opened through :meth:`channel`.
 
-        A servlet that had already died keeps its own account of why
-        (:meth:`exit_reason`); only a live one becomes "stopped".
+        A servlet that had already died keeps its own account of why.
         """
-        alive = not self._stopped and self.is_alive()
-        with self._lock:
-            self._stopped = self._stopped or alive
-        self.release()
-        self._terminate()
+        self._close_channels()
+        self.process.stop()
+
+    def kill(self) -> None:
+        """Ends the servlet at once, even in the middle of a call."""
+        self._close_channels()
+        self.process.kill()
 
     def release(self) -> None:
-        """Frees what this handle holds (connections, pipes), leaving the process alone."""
+        """Frees what this handle holds (connections, pipes), leaving a live process alone."""
+        self._close_channels()
+        self.process.release()
+
+    def _close_channels(self) -> None:
         with self._lock:
             channels, self._channels = self._channels, []
         for chan in channels:
             chan.close()
 
-    def kill(self) -> None:
-        """Ends the servlet at once, even in the middle of a call."""
-        self.stop()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
+    def describe(self) -> dict[str, Any]:
+        """A plain record of it, without the token: for the registry and ``runmap status``."""
+        return {
+            "name": self.name,
+            "env": self.env.origin,
+            "endpoint": str(self.endpoint),
+            "host": self.process.host,
+            "pid": self.process.pid,
+            "local_pid": self.process.local_pid,
+            "log": str(self.process.log) if self.process.log else None,
+        }
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} on {self.cluster.name} pid={self.pid}>"
-
-
-class HTTPServlet(Servlet):
-    """A servlet reached over HTTP at ``host:port`` with the cluster's token."""
-
-    def __init__(self, name: str, env: Env, cluster: Cluster, host: str, port: int) -> None:
-        super().__init__(name, env, cluster)
-        self.host = host
-        self.port = port
-
-    def open_channel(self) -> Channel:
-        return HTTPChannel(self.host, self.port, self.cluster.token, self.name)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "env": self.env.origin, "host": self.host, "port": self.port, "pid": self.pid}
+        return f"<Servlet {self.name} on {self.cluster.name} at {self.endpoint} pid={self.pid}>"

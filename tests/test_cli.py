@@ -89,14 +89,15 @@ def test_status_lists_the_running_cluster(tmp_path: Path, client: subprocess.Pop
     out = runmap_cmd(tmp_path, "status")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["CLUSTER", "KIND", "CLIENT", "REPLICA", "ENV", "PID", "ADDRESS", "UPTIME"]
+    assert lines[0].split() == ["CLUSTER", "KIND", "CLIENT", "REPLICA", "ENV", "HOST", "PID", "ADDRESS", "UPTIME"]
     rows = {line.split()[3]: line.split() for line in lines[1:]}
     assert set(rows) == {"greeter", "other"}
     pids = set(servlet_pids(client))
     for row in rows.values():
         assert row[:3] == ["clitest", "local", str(client.pid)]
-        assert int(row[5]) in pids
-        assert row[6].startswith("127.0.0.1:")
+        assert row[5] == "localhost"
+        assert int(row[6]) in pids
+        assert row[7].startswith("127.0.0.1:")
 
     as_json = json.loads(runmap_cmd(tmp_path, "status", "--json").stdout)
     assert [c["name"] for c in as_json] == ["clitest"]
@@ -147,7 +148,8 @@ def test_the_registry_forgets_clusters_whose_processes_are_gone(
     monkeypatch.setenv("RUNMAP_HOME", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    servlet = {"name": "g", "env": "g", "pid": pid, "host": "127.0.0.1", "port": 1, "started": 0.0, "log": None}
+    servlet = {"name": "g", "env": "g", "endpoint": "127.0.0.1:1", "host": "localhost", "pid": pid,
+               "local_pid": pid, "started": 0.0, "log": None}
     entry = {"name": "ghost", "kind": "local", "pid": pid, "started": 0.0, "servlets": [servlet]}
     path = registry.registry_dir() / "ghost.json"
     path.write_text(json.dumps(entry))
@@ -198,9 +200,10 @@ def test_servlets_elsewhere_are_listed_while_their_client_lives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RUNMAP_HOME", str(tmp_path))
-    servlet = {"name": "r", "env": "r", "pid": 1, "host": "10.0.0.7", "port": 9, "started": 0.0, "log": None}
-    entry = {"name": "far", "kind": "ray", "pid": os.getpid(), "here": False, "started": 0.0, "servlets": [servlet]}
+    servlet = {"name": "r", "env": "r", "endpoint": "10.0.0.7:9", "host": "10.0.0.7", "pid": 1,
+               "local_pid": None, "started": 0.0, "log": None}
+    entry = {"name": "far", "kind": "ray", "pid": os.getpid(), "started": 0.0, "servlets": [servlet]}
     (registry.registry_dir() / "far.json").write_text(json.dumps(entry))
     [far] = registry.load()
     assert [s.name for s in far.servlets] == ["r"]
-    assert not far.servlets[0].here
+    assert far.servlets[0].alive and far.servlets[0].local_pid is None

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import runmap as rm
-from runmap.cluster.inprocess import InProcessCluster, InProcessServlet
+from runmap.cluster.inprocess import InProcessCluster, InProcessServletProcess
 
 
 def jittery(x: int) -> int:
@@ -56,7 +56,7 @@ def test_a_dead_replica_loses_no_input(inprocess: InProcessCluster) -> None:
     remote = rm.function(slow).to(inprocess)
     with rm.mapper(remote, num_replicas=3, replace_dead=False) as mapper:
         victim = mapper.replicas[2].servlet
-        assert isinstance(victim, InProcessServlet)
+        assert isinstance(victim.process, InProcessServletProcess)
         threading.Timer(0.05, victim.kill).start()
         assert mapper.map(range(300), chunksize=1, progress=False) == list(range(300))
         assert mapper.num_replicas == 2

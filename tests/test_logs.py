@@ -34,7 +34,7 @@ def test_stream_logs_false_silences_the_mapper_but_keeps_the_log_file(
 ) -> None:
     with rm.mapper(shout, num_replicas=2, cluster=cluster, stream_logs=False) as m:
         m.map(range(4), progress=False)
-        logs = [Path(r.servlet.log_path) for r in m.replicas]  # type: ignore[attr-defined]
+        logs = [Path(r.servlet.process.log) for r in m.replicas]  # type: ignore[arg-type]
     assert "shouting" not in capfd.readouterr().out
     assert "".join(p.read_text() for p in logs).count("shouting") >= 4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -37,7 +38,7 @@ def test_token_is_never_on_a_command_line(cluster: rm.LocalCluster) -> None:
 
 def test_every_route_but_health_demands_the_token(cluster: rm.LocalCluster) -> None:
     servlet = _servlet(cluster)
-    base = f"http://{servlet.host}:{servlet.port}"
+    base = f"http://{servlet.endpoint}"
     with httpx.Client(base_url=base) as client:
         assert client.get("/health").status_code == 200
         for method, path in [("GET", "/info"), ("PUT", "/modules/x"), ("DELETE", "/modules/x"),
@@ -57,7 +58,7 @@ def test_a_wrong_token_is_an_auth_error(cluster: rm.LocalCluster) -> None:
     servlet = _servlet(cluster)
     from runmap.transport.http import HTTPChannel
 
-    channel = HTTPChannel(servlet.host, servlet.port, "not-the-token", servlet.name)
+    channel = HTTPChannel(dataclasses.replace(servlet.endpoint, token="not-the-token"))
     with pytest.raises(rm.AuthError):
         channel.info()
     channel.close()

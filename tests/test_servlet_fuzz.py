@@ -56,7 +56,7 @@ def servlet() -> Iterator[tuple[rm.LocalCluster, object, str]]:
 @pytest.fixture
 def connection(servlet):  # type: ignore[no-untyped-def]
     _, s, _ = servlet
-    holder = {"conn": http.client.HTTPConnection(s.host, s.port, timeout=10)}
+    holder = {"conn": http.client.HTTPConnection(*s.endpoint.address, timeout=10)}
     yield holder
     holder["conn"].close()
 
@@ -157,7 +157,7 @@ MALFORMED = [
 @pytest.mark.parametrize("raw", MALFORMED, ids=range(len(MALFORMED)))
 def test_malformed_http_never_takes_it_down(servlet, raw: bytes) -> None:  # type: ignore[no-untyped-def]
     _, s, _ = servlet
-    with socket.create_connection((s.host, s.port), timeout=5) as sock:
+    with socket.create_connection(s.endpoint.address, timeout=5) as sock:
         try:
             sock.sendall(raw)
             sock.shutdown(socket.SHUT_WR)

@@ -92,7 +92,7 @@ def test_a_truncated_frame_is_refused() -> None:
 def test_the_channel_reconnects_after_the_servlet_dropped_an_idle_connection(cluster: rm.LocalCluster) -> None:
     remote_echo = rm.function(echo).to(cluster)
     servlet = remote_echo.servlet
-    channel = HTTPChannel(servlet.host, servlet.port, cluster.token, servlet.name)  # type: ignore[attr-defined]
+    channel = HTTPChannel(servlet.endpoint)
     try:
         payload = ser.dump_call(ser.STAR, [(41,)], None)
         assert ser.load_outcome(channel.call(remote_echo.module_name, None, payload)).results == [41]
@@ -106,7 +106,7 @@ def test_the_channel_reconnects_after_the_servlet_dropped_an_idle_connection(clu
 def test_errors_come_back_as_runmap_errors(cluster: rm.LocalCluster) -> None:
     remote_echo = rm.function(echo).to(cluster)
     servlet = remote_echo.servlet
-    channel = HTTPChannel(servlet.host, servlet.port, cluster.token, servlet.name)  # type: ignore[attr-defined]
+    channel = HTTPChannel(servlet.endpoint)
     try:
         with pytest.raises(rm.ProtocolError) as info:
             channel.call("no-such-module", None, ser.dump_call(ser.STAR, [()], None))

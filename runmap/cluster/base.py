@@ -1,7 +1,10 @@
 """What every cluster does: start servlets for envs, name replicas, and clean up.
 
-Clusters differ only in how a servlet is launched and reached
-(:meth:`Cluster._launch`); the bookkeeping here is shared. Every cluster
+A cluster kind differs from the others in how it launches a servlet
+(:meth:`Cluster._launch`), which hands back a :class:`~runmap.servlet.Servlet`:
+an endpoint to reach it and a process handle to watch, stop and log it. The
+bookkeeping here (names, one servlet per env, logs, the registry) is shared.
+Every cluster
 registers itself so that whatever is still open when the interpreter exits is
 closed then: nothing runmap starts outlives its client. Each cluster records its
 servlets in the registry (:mod:`runmap.registry`) that the ``runmap`` command reads.
@@ -17,7 +20,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runmap import registry
+from runmap import logs, registry
 from runmap.envs.env import Env
 from runmap.exceptions import ClusterError
 from runmap.servlet import Servlet
@@ -43,9 +46,13 @@ class Cluster(ABC):
     """
 
     kind = "base"
+    # Whether its servlets run where the client's own files are not (other
+    # machines): then the client's own functions and classes travel by value.
+    remote_files = False
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, stream_logs: bool = True) -> None:
         self.name = name
+        self.stream_logs = stream_logs
         self.token = secrets.token_urlsafe(32)
         self._servlets: dict[str, Servlet] = {}
         self._starting: dict[str, threading.Lock] = {}
@@ -89,6 +96,8 @@ class Cluster(ABC):
                 servlet.stop()
                 self._check_open()
             self._servlets[env.name] = servlet
+        if self.stream_logs and servlet.process.log is not None:
+            logs.follow(servlet, servlet.process.log, servlet.process.log_offset)
         registry.update(self)
         return servlet
 
@@ -116,6 +125,7 @@ class Cluster(ABC):
     def stop_servlet(self, servlet: Servlet) -> None:
         """Ends ``servlet`` and drops it from this cluster's books."""
         servlet.stop()
+        logs.unfollow(servlet)
         self.forget(servlet)
 
     def forget(self, servlet: Servlet) -> None:
@@ -149,8 +159,10 @@ class Cluster(ABC):
             self._servlets.clear()
         _open_clusters.discard(self)
         if servlets:
-            with ThreadPoolExecutor(max_workers=min(16, len(servlets))) as pool:
+            with ThreadPoolExecutor(max_workers=min(16, len(servlets)), thread_name_prefix="runmap-stop") as pool:
                 list(pool.map(lambda s: s.stop(), servlets))
+            for servlet in servlets:
+                logs.unfollow(servlet)
         registry.remove(self)
 
     def _check_open(self) -> None:

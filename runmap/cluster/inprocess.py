@@ -8,37 +8,60 @@ like a dead one (its channels raise ``ReplicaDiedError``).
 from __future__ import annotations
 
 import os
+import threading
+import uuid
+from collections.abc import Callable
 
 from runmap.cluster.base import Cluster
+from runmap.cluster.process import STOPPED, ExitKind, ExitStatus, ServletProcess
 from runmap.envs.env import Env
 from runmap.server.state import ServletState
 from runmap.servlet import Servlet
-from runmap.transport.base import Channel
-from runmap.transport.inprocess import InProcessChannel
+from runmap.transport import inprocess
+from runmap.transport.endpoint import INPROCESS, Endpoint
 
 
-class InProcessServlet(Servlet):
-    def __init__(self, name: str, env: Env, cluster: Cluster) -> None:
-        super().__init__(name, env, cluster)
-        self.state = ServletState(name)
-        self._alive = True
+class InProcessServletProcess(ServletProcess):
+    """A servlet's state in this process; "killing" it makes it behave as if its process died."""
 
-    @property
-    def pid(self) -> int | None:
-        return os.getpid()
+    def __init__(self, address: str, state: ServletState) -> None:
+        self.address = address
+        self.state = state
+        self.pid = os.getpid()
+        self._status: ExitStatus | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        inprocess.serve(address, state, lambda: self._status is None)
 
-    def open_channel(self) -> Channel:
-        return InProcessChannel(self.state, self.is_alive)
+    def poll(self) -> ExitStatus | None:
+        return self._status
 
-    def is_alive(self) -> bool:
-        return self._alive
+    def _end(self, status: ExitStatus) -> None:
+        with self._lock:
+            if self._status is not None:
+                return
+            self._status = status
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def stop(self) -> None:
+        self._end(STOPPED)
+        inprocess.unserve(self.address)
 
     def kill(self) -> None:
-        """Makes the servlet behave as if its process had died."""
-        self._alive = False
+        self._end(ExitStatus(ExitKind.SIGNALED, signal=9))
 
-    def _terminate(self) -> None:
-        self._alive = False
+    def watch(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if self._status is None:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def release(self) -> None:
+        if self._status is not None:
+            inprocess.unserve(self.address)
 
 
 class InProcessCluster(Cluster):
@@ -47,5 +70,7 @@ class InProcessCluster(Cluster):
     def __init__(self, name: str = "inprocess") -> None:
         super().__init__(name)
 
-    def _launch(self, env: Env) -> InProcessServlet:
-        return InProcessServlet(env.name, env, self)
+    def _launch(self, env: Env) -> Servlet:
+        address = f"{INPROCESS}{self.name}/{env.name}/{uuid.uuid4().hex[:8]}"
+        process = InProcessServletProcess(address, ServletState(env.name))
+        return Servlet(env, self, Endpoint(env.name, address, self.token), process)

@@ -59,6 +59,14 @@ class Env:
         """The same spec under another name, as an original of its own."""
         return replace(self, name=name, origin=name)
 
+    def checked_working_dir(self) -> str | None:
+        """``working_dir`` as an absolute path, after checking that it is a directory here."""
+        if self.working_dir is None:
+            return None
+        if not os.path.isdir(self.working_dir):
+            raise ConfigError(f"working_dir {self.working_dir!r} of env {self.name!r} is not a directory")
+        return os.path.abspath(self.working_dir)
+
     @property
     def content_hash(self) -> str:
         """A hash of what the env installs and sets, not of its name."""

@@ -28,11 +28,11 @@ from runmap.envs.env import Env
 from runmap.exceptions import ConfigError, RunmapError
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT
 from runmap.mapper.pool import Replica, ReplicaPool
+from runmap.mapper.provider import ReplicaProvider
 from runmap.mapper.run import MapRun, input_len, parse_options, zip_inputs
 from runmap.mapper.targets import resolve_target
 from runmap.mapper.tasks import FutureSink, Task
 from runmap.module import Remote
-from runmap.servlet import Servlet
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
 
@@ -180,7 +180,8 @@ class Mapper:
     def _create_replica(self) -> Remote:
         with self._lock:
             early = self._early.pop(0) if self._early else None
-        return _copy_onto_new_servlet(self._prototype, early.result() if early is not None else None)
+        provider = ReplicaProvider(self._prototype.servlet.cluster)
+        return provider.acquire(self._prototype, early.result() if early is not None else None)
 
     def _on_lost(self, replica: Replica) -> bool:
         """Starts a replacement for a dead replica; says whether one is coming."""
@@ -190,11 +191,11 @@ class Mapper:
 
         def replace() -> None:
             try:
-                remote = _copy_onto_new_servlet(replica.remote)
+                remote = replica.provider.replace(replica.remote)
                 try:
                     self._pool.add(remote, owned=True)
                 except BaseException:
-                    remote.servlet.cluster.stop_servlet(remote.servlet)
+                    replica.provider.release(remote, owned=True)
                     raise
             except BaseException as exc:
                 self._pool.replacement_failed(f"replacement failed: {exc}")
@@ -289,9 +290,7 @@ class Mapper:
         self._pool.close()
         for thread in helpers:
             thread.join(10)
-        owned = [r.remote.servlet for r in self._pool.replicas if r.owned]
-        for servlet in owned:
-            servlet.cluster.stop_servlet(servlet)
+        self._pool.release_owned()
         self._stop_early()
 
     def _check_open(self) -> None:
@@ -306,18 +305,6 @@ class Mapper:
 
     def __repr__(self) -> str:
         return f"<Mapper {self._prototype.module_name}.{self.method or '__call__'} replicas={self.num_replicas}>"
-
-
-def _copy_onto_new_servlet(source: Remote, servlet: Servlet | None = None) -> Remote:
-    """``source`` placed on a new replica of its env (or on ``servlet``), which is stopped if that fails."""
-    cluster = source.servlet.cluster
-    if servlet is None:
-        servlet = cluster.start_servlet(cluster.replica_env(source.servlet.env))
-    try:
-        return source.replicate(servlet)
-    except BaseException:
-        cluster.stop_servlet(servlet)
-        raise
 
 
 def _retryable(

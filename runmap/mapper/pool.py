@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from runmap import serialization as ser
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT, LivenessMonitor, probe
+from runmap.mapper.provider import ReplicaProvider
 from runmap.mapper.tasks import Task, TaskQueue
 from runmap.module import Remote
+from runmap.servlet import Servlet
 from runmap.transport.base import Channel
 
 EXIT_WAIT = 1.0  # how long to wait for a dead replica's exit code
@@ -36,10 +38,11 @@ PROBE_TIMEOUT = 2.0  # how long a replica whose call timed out has to answer a h
 
 @dataclass(eq=False)
 class Replica:
-    """A Mapper's view of one replica: the remote module and its slots."""
+    """A Mapper's view of one replica: the remote module, where it came from, and its slots."""
 
     remote: Remote
     owned: bool
+    provider: ReplicaProvider
     retired: bool = False
     frozen: bool = False  # retired for not answering health probes
     reason: str = ""
@@ -90,7 +93,7 @@ class ReplicaPool:
     # -------------------------------------------------------------- replicas
 
     def add(self, remote: Remote, owned: bool) -> Replica:
-        replica = Replica(remote, owned)
+        replica = Replica(remote, owned, ReplicaProvider(remote.servlet.cluster))
         with self._lock:
             if self._closing:
                 raise ReplicaDiedError("the Mapper is closed", remote.name)
@@ -103,7 +106,15 @@ class ReplicaPool:
                 replica.slots.append(slot)
         for slot in replica.slots:
             slot.start()
+        # Noticed at once, even while idle: the replica leaves rotation before an input needs it.
+        remote.servlet.on_exit(self._watched_exit)
         return replica
+
+    def _watched_exit(self, servlet: Servlet) -> None:
+        with self._lock:
+            mine = [r for r in self.replicas if r.remote.servlet is servlet and not r.retired]
+        for replica in mine:
+            self.retire_dead(replica)
 
     def expect_replacements(self, n: int) -> None:
         with self._lock:
@@ -247,12 +258,10 @@ class ReplicaPool:
         deadline = time.monotonic() + EXIT_WAIT
         while servlet.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
-        if servlet.is_alive():
+        status = servlet.exit_status()
+        if status is None:
             return f"unreachable ({exc})"
-        reason = servlet.exit_reason()
-        if reason.startswith("SIG") or reason.startswith("exit code"):
-            return f"died: {reason}"
-        return reason
+        return f"died: {status}" if status.crashed else str(status)
 
     def _answers(self, replica: Replica) -> bool:
         """Whether ``replica`` answers a health probe now (on a connection of its own)."""
@@ -269,7 +278,8 @@ class ReplicaPool:
 
     def retire_dead(self, replica: Replica) -> None:
         """Retires a replica whose servlet has ended, noticed while it may have been idle."""
-        self._retire(replica, f"died: {replica.remote.servlet.exit_reason()}")
+        status = replica.remote.servlet.exit_status()
+        self._retire(replica, f"died: {status}" if status is not None and status.crashed else str(status))
 
     def _retire(self, replica: Replica, reason: str, kill: bool = False) -> None:
         with self._lock:
@@ -281,14 +291,8 @@ class ReplicaPool:
         self.tasks.wake_all()
         for channel in list(replica.channels):
             channel.abort()
-        servlet = replica.remote.servlet
-        if kill:
-            servlet.kill()
-            servlet.cluster.forget(servlet)
-        elif not servlet.is_alive():
-            servlet.cluster.forget(servlet)  # whoever started it, it is gone
-        elif replica.owned:
-            servlet.cluster.stop_servlet(servlet)  # unreachable, yet running: end what we started
+        replica.remote.servlet.forget_watcher(self._watched_exit)
+        replica.provider.release(replica.remote, replica.owned, kill=kill)
         if closing:
             return
         coming = self.on_lost(replica)
@@ -317,10 +321,12 @@ class ReplicaPool:
     # --------------------------------------------------------------- closing
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stops the slots; calls in flight are abandoned."""
+        """Stops the slots (calls in flight are abandoned) and gives every replica back to its provider."""
         with self._lock:
             self._closing = True
             replicas = list(self.replicas)
+        for replica in replicas:
+            replica.remote.servlet.forget_watcher(self._watched_exit)
         if self._liveness is not None:
             self._liveness.close()
         self.tasks.close()
@@ -337,6 +343,12 @@ class ReplicaPool:
             for slot in replica.slots:
                 if slot is not threading.current_thread():
                     slot.join(max(0.0, deadline - time.monotonic()))
+
+    def release_owned(self) -> None:
+        """Ends the replicas the Mapper started that are still running (after :meth:`close`)."""
+        for replica in self.replicas:
+            if replica.owned and not replica.retired:
+                replica.provider.release(replica.remote, owned=True)
 
 
 def _span(task: Task) -> str:

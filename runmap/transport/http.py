@@ -28,23 +28,41 @@ from runmap.exceptions import (
     ReplicaTimeoutError,
     SerializationError,
 )
+from runmap.transport.endpoint import Endpoint
 
 CONNECT_TIMEOUT = 10.0
 SMALL_BODY = 64 << 10  # up to this, head and body go out in one send (one segment, one wake-up)
 RECV_SIZE = 64 << 10  # a reused receive buffer: no allocation (or mmap) per read
 MAX_HEAD = 64 << 10
 _NO_BODY_STATUSES = frozenset({204, 304})
+# A peer machine that vanishes without closing its sockets (power loss, partition)
+# is noticed by TCP keepalive after about IDLE + INTERVAL * COUNT seconds.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on ``sock``, so that a call to a machine that vanished fails instead of waiting."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", 1000 * (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class HTTPChannel:
-    """A channel to the servlet at ``host:port``; ``replica`` names it in errors."""
+    """A channel to the servlet at ``endpoint``, over TCP or a Unix socket."""
 
-    def __init__(self, host: str, port: int, token: str, replica: str) -> None:
-        self.host = host
-        self.port = port
-        self.replica = replica
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.replica = endpoint.name
+        self.where = str(endpoint)
+        host = "localhost" if endpoint.unix else self.where
         self._fixed_headers = (
-            f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Host: {host}\r\nAuthorization: Bearer {endpoint.token}\r\n"
             "Content-Type: application/octet-stream\r\n"
         ).encode()
         self._sock: socket.socket | None = None
@@ -97,9 +115,22 @@ class HTTPChannel:
     def _connect(self) -> socket.socket:
         if self._aborted:
             raise ReplicaDiedError(f"the channel to {self.replica} was aborted", self.replica)
+        address = self.endpoint.address
         with self._translate(None):
-            sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(address, str):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(CONNECT_TIMEOUT)
+                    sock.connect(address)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+        if not isinstance(address, str):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.endpoint.keepalive:
+                set_keepalive(sock)
         sock.settimeout(None)
         self._timeout = None
         self._buf = b""
@@ -228,7 +259,7 @@ class HTTPChannel:
         except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
             if timeout is None:
                 raise ReplicaDiedError(
-                    f"{self.replica} at {self.host}:{self.port} did not answer within {CONNECT_TIMEOUT:g} s",
+                    f"{self.replica} at {self.where} did not answer within {CONNECT_TIMEOUT:g} s",
                     self.replica,
                 ) from exc
             raise ReplicaTimeoutError(
@@ -236,5 +267,5 @@ class HTTPChannel:
             ) from exc
         except (ConnectionError, OSError) as exc:
             raise ReplicaDiedError(
-                f"{self.replica} at {self.host}:{self.port} is unreachable: {exc!r}", self.replica
+                f"{self.replica} at {self.where} is unreachable: {exc!r}", self.replica
             ) from exc

@@ -7,10 +7,35 @@ both ways, so what can't travel over HTTP can't travel here either.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from runmap.exceptions import ReplicaDiedError
 from runmap.server.state import ServletState
+
+_servlets: dict[str, tuple[ServletState, Callable[[], bool]]] = {}
+_lock = threading.Lock()
+
+
+def serve(address: str, state: ServletState, alive: Callable[[], bool]) -> None:
+    """Makes ``state`` reachable at ``address`` (an ``inprocess:`` endpoint address)."""
+    with _lock:
+        _servlets[address] = (state, alive)
+
+
+def unserve(address: str) -> None:
+    with _lock:
+        _servlets.pop(address, None)
+
+
+def channel_to(address: str) -> InProcessChannel:
+    with _lock:
+        entry = _servlets.get(address)
+    if entry is None:
+        dead = ServletState(address)
+        return InProcessChannel(dead, lambda: False)
+    return InProcessChannel(*entry)
 
 
 class InProcessChannel:

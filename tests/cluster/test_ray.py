@@ -28,7 +28,7 @@ import runmap as rm
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster as RayTestCluster  # noqa: E402
 
-from runmap.cluster.ray import RayCluster, RayServlet  # noqa: E402
+from runmap.cluster.ray import RayActorProcess, RayCluster  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -93,12 +93,13 @@ def _runmap_actors(cluster_name: str) -> list[str]:
 
 def test_embedded_servlet_serves_in_a_thread_and_stops() -> None:
     from runmap.server.embedded import start_servlet
+    from runmap.transport.endpoint import Endpoint
     from runmap.transport.http import HTTPChannel
 
     servlet = start_servlet("embedded", token="right-token")
     try:
-        good = HTTPChannel(servlet.host, servlet.port, "right-token", "embedded")
-        bad = HTTPChannel(servlet.host, servlet.port, "wrong-token", "embedded")
+        good = HTTPChannel(Endpoint("embedded", (servlet.host, servlet.port), "right-token"))
+        bad = HTTPChannel(Endpoint("embedded", (servlet.host, servlet.port), "wrong-token"))
         assert good.info()["pid"] == os.getpid()
         with pytest.raises(rm.AuthError):
             bad.info()
@@ -125,9 +126,9 @@ def test_local_ray_runs_a_servlet_in_an_actor_and_shuts_down() -> None:
         assert isinstance(cluster, RayCluster) and cluster.started_ray
         double = rm.function(where).to(cluster, env=rm.env(name="solo", compute={"CPU": 1}))
         servlet = double.servlet
-        assert isinstance(servlet, RayServlet) and servlet.is_alive()
+        assert isinstance(servlet.process, RayActorProcess) and servlet.is_alive()
         x, replica, node = double(21)
-        assert (x, replica, node) == (21, "solo", servlet.node_id)
+        assert (x, replica, node) == (21, "solo", servlet.process.node_id)
         # The token travels in the actor's constructor arguments, never on a command line.
         for pid in _children() - before:
             try:
@@ -205,7 +206,7 @@ def _worker_ids(nodes: RayTestCluster) -> set[str]:
 def test_five_replicas_spread_over_all_three_nodes(nodes: RayTestCluster, on_ray: RayCluster) -> None:
     target = rm.function(where).to(on_ray, env=rm.env(name="five", compute={"CPU": 1}))
     with rm.mapper(target, num_replicas=5) as mapper:
-        placed = {r.servlet.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
+        placed = {r.servlet.process.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
         results = mapper.map(range(60), progress=False, chunksize=1)
     all_nodes = {nodes.head_node.node_id} | _worker_ids(nodes)
     assert placed == all_nodes
@@ -252,14 +253,14 @@ def test_env_vars_and_working_dir_reach_the_actor(on_ray: RayCluster, tmp_path: 
 def test_a_killed_actor_is_a_dead_replica(on_ray: RayCluster) -> None:
     target = rm.function(where).to(on_ray, env=rm.env(name="doomed"))
     servlet = target.servlet
-    assert isinstance(servlet, RayServlet) and servlet.is_alive()
+    assert isinstance(servlet.process, RayActorProcess) and servlet.is_alive()
     # Calls to a replica on another node notice that node vanishing: TCP keepalive is on.
     channel = servlet.open_channel()
     channel.info()
     sock = getattr(channel, "_sock", None) or channel._conn.sock  # type: ignore[attr-defined]
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
     channel.close()
-    ray.kill(servlet.actor)
+    ray.kill(servlet.process.actor)
     assert _wait_until(lambda: not servlet.is_alive())
     assert "killed" in servlet.exit_reason()
     with pytest.raises(rm.ReplicaDiedError):
@@ -333,8 +334,8 @@ def test_removing_a_node_mid_map_loses_no_input(nodes: RayTestCluster, on_ray: R
     target = rm.function(slow_where).to(on_ray, env=rm.env(name="survivor", compute={"CPU": 1}))
     with rm.mapper(target, num_replicas=3) as mapper:
         servlets = [r.servlet for r in mapper.replicas]
-        victim = next(n for n in nodes.worker_nodes if n.node_id in {s.node_id for s in servlets})  # type: ignore[attr-defined]
-        lost = [s for s in servlets if s.node_id == victim.node_id]  # type: ignore[attr-defined]
+        victim = next(n for n in nodes.worker_nodes if n.node_id in {s.process.node_id for s in servlets})  # type: ignore[attr-defined]
+        lost = [s for s in servlets if s.process.node_id == victim.node_id]  # type: ignore[attr-defined]
         results = []
         for i, result in enumerate(mapper.imap(range(400), progress=False, chunksize=2)):
             results.append(result)
@@ -347,5 +348,5 @@ def test_removing_a_node_mid_map_loses_no_input(nodes: RayTestCluster, on_ray: R
         # The replacement goes where CPUs are left: 2 + 1 on the surviving nodes.
         ok = _wait_until(lambda: mapper.num_replicas == 3, timeout=30)
         assert ok, mapper._pool.describe()  # what became of each replica, if not
-        assert victim.node_id not in {r.servlet.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
+        assert victim.node_id not in {r.servlet.process.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
     on_ray.stop_servlet(target.servlet)

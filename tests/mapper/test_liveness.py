@@ -67,17 +67,6 @@ def test_a_slow_input_on_a_healthy_replica_still_fails_alone() -> None:
         assert results[1:] == list(range(1, 10))
 
 
-def test_an_idle_replica_that_is_killed_leaves_rotation_without_a_call() -> None:
-    with rm.mapper(pid_and_value, num_replicas=2, liveness_timeout=LIVENESS, replace_dead=False) as m:
-        victim = m.replicas[0]
-        os.kill(victim.servlet.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        deadline = time.monotonic() + 3
-        while victim in m.replicas and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert victim not in m.replicas
-        assert m.num_replicas == 1
-
-
 def test_liveness_timeout_is_validated() -> None:
     for bad in (0, -1, "1", True):
         try:

@@ -7,9 +7,9 @@
       │                           Ray places _ServletActor on a node
       │                           (its __init__ starts the servlet in a thread:
       │                            runmap.server.embedded, bound to the node's IP)
-      │                                        │ address() -> host, port, pid, node
+      │                                        │ address() -> host, port, pid, node, log
       ▼                                        ▼
-    RayServlet (an HTTPServlet) ── HTTP, the cluster's token ──► the servlet
+    Servlet(Endpoint(host, port, keepalive), RayActorProcess) ── HTTP ──► the servlet
 
 Ray does the placing, the installing and the process keeping; the calls use
 runmap's own protocol, so a Mapper treats these replicas like any other and
@@ -21,6 +21,6 @@ Ray's exceptions are translated into runmap's tree in one place,
 """
 
 from runmap.cluster.ray.cluster import RayCluster
-from runmap.cluster.ray.servlet import RayServlet
+from runmap.cluster.ray.servlet import RayActorProcess
 
-__all__ = ["RayCluster", "RayServlet"]
+__all__ = ["RayActorProcess", "RayCluster"]

@@ -20,7 +20,9 @@ class _ServletActor:
     Ray's runtime context like any actor code.
     """
 
-    def __init__(self, name: str, token: str, client_sys_path: list[str], max_body: int) -> None:
+    def __init__(
+        self, name: str, token: str, client_sys_path: list[str], max_body: int, cluster: str = "ray"
+    ) -> None:
         # The client's import path, where it exists on this node, after the
         # runtime_env's own entries: code the client imports by reference (its
         # test modules, its packages) is importable here on one machine or a
@@ -29,21 +31,49 @@ class _ServletActor:
             if path and path not in sys.path and os.path.exists(path):
                 sys.path.append(path)
         os.environ["RUNMAP_REPLICA"] = name
+        import threading
+
         import ray
 
         from runmap.server.embedded import start_servlet
 
+        self.log = _capture_output(cluster, name)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.servlet = start_servlet(name, token, ray.util.get_node_ip_address(), 0, max_body)
+        self._stopped = threading.Event()
 
-    def address(self) -> tuple[str, int, int, str]:
-        return self.servlet.host, self.servlet.port, os.getpid(), self.node_id
+    def address(self) -> tuple[str, int, int, str, str]:
+        return self.servlet.host, self.servlet.port, os.getpid(), self.node_id, self.log
 
     def ping(self) -> bool:
         return self.servlet.is_running()
 
+    def wait_stopped(self) -> None:
+        """Returns when the servlet is stopped; a call pending here fails when the actor dies."""
+        self._stopped.wait()
+
     def stop(self) -> None:
         self.servlet.stop()
+        self._stopped.set()
+
+
+def _capture_output(cluster: str, name: str) -> str:
+    """Sends what the actor's process prints to a log file of its own, as a local servlet's.
+
+    The client streams it, prefixed with the replica's name, like any other
+    replica's output (and not through Ray's own forwarding, so that
+    ``stream_logs=False`` silences it as it silences the rest).
+    """
+    from runmap.paths import log_dir, open_private
+
+    path = log_dir(cluster) / f"{name}.log"
+    fd = open_private(path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return str(path)
 
 
 _actor_class: Any = None

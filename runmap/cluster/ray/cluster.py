@@ -8,14 +8,17 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from runmap.cluster.base import Cluster
 from runmap.cluster.ray.actor import LostBeforeStart, servlet_actor_class, summarize, translate_errors
-from runmap.cluster.ray.servlet import RayServlet, kill_actor
+from runmap.cluster.ray.servlet import RayActorProcess, kill_actor
 from runmap.envs.env import Env
 from runmap.exceptions import AllocationError, ClusterError, ConfigError
 from runmap.server.app import DEFAULT_MAX_BODY
+from runmap.servlet import Servlet
+from runmap.transport.endpoint import Endpoint
 
 START_TIMEOUT = 600.0  # installing a runtime_env's requirements can take minutes
 ALLOCATION_TIMEOUT = 60.0  # how long to wait for a node that fits before giving up
@@ -51,6 +54,8 @@ class RayCluster(Cluster):
             before :class:`AllocationError`: for a node that could ever hold it
             and, for a replica with nothing to install, for one free enough.
         max_body: the largest request body a servlet accepts, in bytes.
+        stream_logs: print what replicas print on this client's stdout, each line
+            prefixed with the replica's name (from nodes of this machine).
         init_options: further keyword arguments for ``ray.init``.
 
     Example:
@@ -75,6 +80,7 @@ class RayCluster(Cluster):
         start_timeout: float = START_TIMEOUT,
         allocation_timeout: float = ALLOCATION_TIMEOUT,
         max_body: int = DEFAULT_MAX_BODY,
+        stream_logs: bool = True,
         init_options: Mapping[str, Any] | None = None,
     ) -> None:
         try:
@@ -83,7 +89,7 @@ class RayCluster(Cluster):
             raise ConfigError("the Ray cluster needs Ray: pip install 'runmap[ray]'") from exc
         if start_timeout <= 0 or allocation_timeout <= 0:
             raise ConfigError("start_timeout and allocation_timeout must be > 0")
-        super().__init__(name)
+        super().__init__(name, stream_logs)
         self.address = address
         self.runtime_env = dict(runtime_env or {})
         self.spread = spread
@@ -130,13 +136,12 @@ class RayCluster(Cluster):
             runtime_env["pip"] = os.path.abspath(single) if single and os.path.isfile(single) else list(env.reqs)
         if env.env_vars:
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env.env_vars}
-        if env.working_dir is not None:
-            if not os.path.isdir(env.working_dir):
-                raise ConfigError(f"working_dir {env.working_dir!r} of env {env.name!r} is not a directory")
-            runtime_env["working_dir"] = os.path.abspath(env.working_dir)
+        working_dir = env.checked_working_dir()
+        if working_dir is not None:
+            runtime_env["working_dir"] = working_dir
         return runtime_env
 
-    def _launch(self, env: Env) -> RayServlet:
+    def _launch(self, env: Env) -> Servlet:
         options = self.actor_options(env)
         if "runtime_env" in options:
             with translate_errors(f"the files of replica {env.name!r} could not be uploaded to Ray", died=ClusterError):
@@ -146,12 +151,12 @@ class RayCluster(Cluster):
         while True:
             with translate_errors(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
                 actor_class = servlet_actor_class().options(**options)
-                actor = actor_class.remote(env.name, self.token, client_path, self.max_body)
+                actor = actor_class.remote(env.name, self.token, client_path, self.max_body, self.name)
             with self._lock:
                 self._actors.append(actor)
             try:
                 with translate_errors(f"replica {env.name!r} did not start on Ray", died=ClusterError):
-                    host, port, pid, node_id = self._wait_started(env, actor)
+                    host, port, pid, node_id, log = self._wait_started(env, actor)
             except LostBeforeStart as lost:
                 # Placed on a node that died before Ray knew it (a replacement for a
                 # replica lost with that node, typically): place it again.
@@ -166,7 +171,13 @@ class RayCluster(Cluster):
             except BaseException:
                 self._forget_actor(actor)
                 raise
-            return RayServlet(env.name, env, self, host, port, actor, pid, node_id)
+            log_path = Path(log)
+            process = RayActorProcess(env.name, actor, host, port, pid, node_id, log_path)
+            if log_path.exists():  # a node of this machine: its log can be followed from here
+                process.log_offset = log_path.stat().st_size
+            else:
+                process.log = None
+            return Servlet(env, self, Endpoint(env.name, (host, port), self.token, keepalive=True), process)
 
     def _uploaded(self, runtime_env: dict[str, Any]) -> dict[str, Any]:
         """``runtime_env`` with its local ``working_dir`` and ``py_modules`` uploaded to Ray.
@@ -192,7 +203,7 @@ class RayCluster(Cluster):
                 self._uploads[cache_key] = cached
         return {**runtime_env, **cached}
 
-    def _wait_started(self, env: Env, actor: Any) -> tuple[str, int, int, str]:
+    def _wait_started(self, env: Env, actor: Any) -> tuple[str, int, int, str, str]:
         """Waits for the actor's servlet, bounded by the allocation and start timeouts."""
         import ray
         import ray.exceptions as rex
@@ -247,10 +258,10 @@ class RayCluster(Cluster):
 
     # ------------------------------------------------------------- stopping
 
-    def stop_servlet(self, servlet: Any) -> None:
+    def stop_servlet(self, servlet: Servlet) -> None:
         super().stop_servlet(servlet)
-        if isinstance(servlet, RayServlet):
-            self._forget_actor(servlet.actor)
+        if isinstance(servlet.process, RayActorProcess):
+            self._forget_actor(servlet.process.actor)
 
     def close(self) -> None:
         """Kills every actor this cluster created and, if runmap started Ray, shuts it down."""

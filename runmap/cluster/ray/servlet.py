@@ -1,4 +1,4 @@
-"""The client's handle on a servlet in a Ray actor: alive, dead, and why."""
+"""The process behind a servlet in a Ray actor: alive, dead, and why."""
 
 from __future__ import annotations
 
@@ -6,50 +6,19 @@ import contextlib
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from runmap.cluster.process import STOPPED, ExitKind, ExitStatus, ServletProcess
 from runmap.cluster.ray.actor import translate_errors
-from runmap.envs.env import Env
 from runmap.exceptions import ClusterError, ReplicaDiedError
-from runmap.servlet import HTTPServlet
-from runmap.transport.base import Channel
-from runmap.transport.http import HTTPChannel
-
-if TYPE_CHECKING:
-    from runmap.cluster.ray.cluster import RayCluster
 
 PING_TIMEOUT = 1.0
 ALIVE_CACHE_SECONDS = 0.25
-# A node that vanishes without closing its sockets (power loss, partition) is
-# noticed by TCP keepalive after about IDLE + INTERVAL * COUNT seconds.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
 
 
-class _KeepAliveChannel(HTTPChannel):
-    """An HTTP channel whose socket notices a peer machine that vanished.
-
-    A replica whose process dies closes its sockets, and the call fails at
-    once; a node that drops off the network closes nothing, and without
-    keepalive a call waiting on it would wait forever.
-    """
-
-    def _connect(self) -> Any:
-        conn = super()._connect()
-        # The channel connects with a socket of its own or through http.client: take either.
-        sock = conn if isinstance(conn, socket.socket) else conn.sock
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (
-            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-            ("TCP_USER_TIMEOUT", 1000 * (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)),
-        ):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        return conn
-
-
-class RayServlet(HTTPServlet):
+class RayActorProcess(ServletProcess):
     """A servlet inside a Ray actor.
 
     Attributes:
@@ -57,27 +26,21 @@ class RayServlet(HTTPServlet):
         node_id: the Ray node it was placed on.
     """
 
-    def __init__(
-        self, name: str, env: Env, cluster: RayCluster, host: str, port: int, actor: Any, pid: int, node_id: str
-    ) -> None:
-        super().__init__(name, env, cluster, host, port)
+    def __init__(self, name: str, actor: Any, host: str, port: int, pid: int, node_id: str, log: Path | None) -> None:
+        self.name = name
         self.actor = actor
+        self.host = host
+        self.port = port
+        self.pid = pid
         self.node_id = node_id
-        self._pid = pid
-        self._death: str | None = None
+        self.log = log
+        self.local_pid = None  # the node may be another machine; `runmap down` stops it through its client
+        self._status: ExitStatus | None = None
         self._checked = 0.0
         self._check_lock = threading.Lock()
         self._pending_cause: Any = None
 
-    @property
-    def pid(self) -> int | None:
-        """The actor's process id, on its node."""
-        return self._pid
-
-    def open_channel(self) -> Channel:
-        return _KeepAliveChannel(self.host, self.port, self.cluster.token, self.name)
-
-    def is_alive(self) -> bool:
+    def poll(self) -> ExitStatus | None:
         """Asks the actor (at most every ``ALIVE_CACHE_SECONDS``); a dead actor stays dead.
 
         Ray may take seconds to declare a lost node's actors dead. Meanwhile, an
@@ -85,26 +48,31 @@ class RayServlet(HTTPServlet):
         connections (its process is gone), and alive otherwise: a slow node is
         not a lost one.
         """
-        if self.stopped or self._death is not None:
-            return False
+        if self._status is not None:
+            if self._pending_cause is not None:
+                self._read_pending_cause()
+            return self._status
         with self._check_lock:
-            if self._death is None and time.monotonic() - self._checked > ALIVE_CACHE_SECONDS:
+            if self._status is None and time.monotonic() - self._checked > ALIVE_CACHE_SECONDS:
                 self._ping()
                 self._checked = time.monotonic()
-        return self._death is None
+        return self._status
 
     def _ping(self) -> None:
         import ray
 
         if not ray.is_initialized():
-            self._death = "Ray was shut down"
+            self._status = ExitStatus(ExitKind.GONE, cause="Ray was shut down")
             return
         ref = self.actor.ping.remote()
         ready, _ = ray.wait([ref], timeout=PING_TIMEOUT)
         if ready:
             self._read_ping(ref)
         elif not _listening(self.host, self.port):
-            self._death = f"{self.name} no longer listens at {self.host}:{self.port}: its process or node is gone"
+            self._status = ExitStatus(
+                ExitKind.GONE,
+                cause=f"{self.name} no longer listens at {self.host}:{self.port}: its process or node is gone",
+            )
             self._pending_cause = ref  # Ray's own account, once it has one
 
     def _read_ping(self, ref: Any) -> None:
@@ -114,31 +82,43 @@ class RayServlet(HTTPServlet):
             with translate_errors(f"the actor of {self.name} on {self.host}", self.name):
                 serving = ray.get(ref)
         except ReplicaDiedError as exc:
-            self._death = str(exc)
+            cause = str(exc)
+            kind = ExitKind.NODE_DIED if "node" in cause and "died" in cause else ExitKind.GONE
+            self._status = ExitStatus(kind, cause=cause)
         except ClusterError:
             pass  # not known to be dead
         else:
             if not serving:
-                self._death = f"the servlet thread in the actor of {self.name} on {self.host} ended"
+                self._status = ExitStatus(
+                    ExitKind.GONE, cause=f"the servlet thread in the actor of {self.name} on {self.host} ended"
+                )
 
-    def exit_reason(self) -> str:
-        if self.stopped:
-            return "stopped by runmap"
-        if self.is_alive():
-            return "running"
+    def _read_pending_cause(self) -> None:
         import ray
 
         pending = self._pending_cause
         if pending is not None and ray.is_initialized() and ray.wait([pending], timeout=0)[0]:
             self._pending_cause = None
+            before, self._status = self._status, None
             self._read_ping(pending)  # replaces "no longer listens" with why, e.g. its node died
-        return self._death or "gone"
+            if self._status is None:
+                self._status = before  # Ray knows no more than we did
 
-    def _terminate(self) -> None:
+    def stop(self) -> None:
+        if self.poll() is None:
+            self._status = STOPPED
         kill_actor(self.actor)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "node_id": self.node_id}
+    def watch(self, callback: Callable[[], None]) -> None:
+        """A call that returns only when the actor ends: its ref completes (with Ray's error) at its death."""
+        try:
+            ref = self.actor.wait_stopped.remote()
+            ref.future().add_done_callback(lambda _: callback())
+        except Exception:  # Ray is gone already: so is the actor
+            callback()
+
+    def release(self) -> None:
+        pass
 
 
 def _listening(host: str, port: int) -> bool:

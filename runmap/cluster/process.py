@@ -1,0 +1,322 @@
+"""The process behind a servlet, whatever runs it: how it ended, how to stop it, how to watch it.
+
+Every cluster kind launches servlets its own way, and hands back a
+:class:`ServletProcess`: a local subprocess, an SSH session to a host, a Ray
+actor. Everything above (the pool, the registry, the ``runmap`` command) asks
+it the same questions:
+
+- :meth:`~ServletProcess.poll`: ``None`` while it runs, else an :class:`ExitStatus`:
+  data (exit code, signal, host lost, node died, with the cluster's own cause),
+  never a string to parse later;
+- :meth:`~ServletProcess.stop` (gracefully, then by force) and
+  :meth:`~ServletProcess.kill` (at once);
+- :meth:`~ServletProcess.watch`: call back once when it ends, at once, also
+  while it is idle (local and SSH processes through a pidfd in one watcher
+  thread, Ray actors through a pending call on the actor);
+- ``log``: where its output is, for the client's log stream and ``runmap logs``.
+
+:class:`SubprocessServlet` is the process for every kind that starts a servlet
+as a child of the client: ``python -P -m runmap.server`` on this machine, or
+``ssh host <that command>`` for an SSH host. Both speak the same start-up
+protocol (one JSON line of configuration, the token with it, on stdin; one
+JSON line back on stdout once it listens) and end when their stdin closes.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runmap.exceptions import ClusterError
+from runmap.paths import open_private
+
+STOP_GRACE = 3.0  # seconds between asking a servlet to leave and killing it, on every kind
+START_TIMEOUT = 60.0
+
+
+class ExitKind(enum.Enum):
+    EXITED = "exited"  # with an exit code
+    SIGNALED = "signaled"  # killed by a signal
+    STOPPED = "stopped"  # ended by runmap
+    HOST_LOST = "host lost"  # the SSH connection to its host ended
+    NODE_DIED = "node died"  # Ray: its node died
+    GONE = "gone"  # ended, and no more is known (Ray's cause, for instance)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a servlet's process ended.
+
+    ``str()`` gives it as loky words it: ``SIGKILL(-9)``, ``exit code 1``,
+    ``host lost: ...``, ``its node died: ...``, ``stopped by runmap``.
+    """
+
+    kind: ExitKind
+    code: int | None = None
+    signal: int | None = None
+    cause: str = ""
+
+    @classmethod
+    def from_returncode(cls, code: int) -> ExitStatus:
+        if code < 0:
+            return cls(ExitKind.SIGNALED, signal=-code)
+        return cls(ExitKind.EXITED, code=code)
+
+    @property
+    def crashed(self) -> bool:
+        """Whether the process itself ended (code or signal), rather than being lost or stopped."""
+        return self.kind in (ExitKind.EXITED, ExitKind.SIGNALED)
+
+    def __str__(self) -> str:
+        if self.kind is ExitKind.SIGNALED and self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            text = f"{name}(-{self.signal})"
+        elif self.kind is ExitKind.EXITED:
+            text = f"exit code {self.code}"
+        elif self.kind is ExitKind.STOPPED:
+            text = "stopped by runmap"
+        elif self.kind is ExitKind.NODE_DIED:
+            text = "its node died"
+        else:
+            text = self.kind.value
+        if self.cause and self.cause != text:
+            return f"{text}: {self.cause}" if self.kind in (ExitKind.HOST_LOST, ExitKind.NODE_DIED) else self.cause
+        return text
+
+
+STOPPED = ExitStatus(ExitKind.STOPPED)
+
+
+class ServletProcess(ABC):
+    """What runs one servlet, on any kind of cluster.
+
+    Attributes:
+        pid: its process id where it runs (maybe another machine), if known.
+        host: the machine it runs on, as the cluster names it.
+        local_pid: a process of *this* machine whose end ends the servlet (the
+            servlet itself, or the SSH session that runs it), for ``runmap down``.
+        log: the file its output goes to, on this machine, if there is one.
+    """
+
+    pid: int | None = None
+    host: str = "localhost"
+    local_pid: int | None = None
+    log: Path | None = None
+    log_offset: int = 0  # where this launch's output starts in ``log``
+
+    @abstractmethod
+    def poll(self) -> ExitStatus | None:
+        """``None`` while it runs; how it ended, once it has."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Asks it to leave, waits up to ``STOP_GRACE``, then kills it. Safe to call twice."""
+
+    def kill(self) -> None:
+        """Ends it at once, even in the middle of a call."""
+        self.stop()
+
+    @abstractmethod
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` (from another thread) once the process has ended."""
+
+    def release(self) -> None:  # noqa: B027 - most processes hold nothing
+        """Frees what the handle holds (pipes, forwards) once the process has ended."""
+
+
+class SubprocessServlet(ServletProcess):
+    """A servlet run by a child process of this client: the servlet itself, or ``ssh``.
+
+    Args:
+        proc: the child; its stdin is the servlet's (closing it asks it to leave).
+        describe_exit: turns the child's return code into an :class:`ExitStatus`
+            (an SSH session's 255 is a lost host, not an exit code).
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        log: Path | None,
+        log_offset: int = 0,
+        host: str = "localhost",
+        pid: int | None = None,
+        describe_exit: Callable[[int], ExitStatus] = ExitStatus.from_returncode,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        self.proc = proc
+        self.log = log
+        self.log_offset = log_offset
+        self.host = host
+        self.pid = pid if pid is not None else proc.pid
+        self.local_pid = proc.pid
+        self._describe_exit = describe_exit
+        self._on_release = on_release
+        self._status: ExitStatus | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def poll(self) -> ExitStatus | None:
+        if self._status is None:
+            code = self.proc.poll()
+            if code is not None:
+                self._status = STOPPED if self._stopping else self._describe_exit(code)
+        return self._status
+
+    def stop(self) -> None:
+        with self._lock:
+            running = self.proc.poll() is None
+            self._stopping = self._stopping or running
+        # End-of-file on its stdin is the servlet's signal to leave: it ends what
+        # its user code forked, then itself (runner.leave).
+        _close(self.proc.stdin)
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.release()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.stop()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        from runmap.cluster.watcher import watch_pid
+
+        watch_pid(self.proc.pid, callback)
+
+    def release(self) -> None:
+        self.poll()
+        if self.proc.returncode is None:
+            return
+        _kill_group(self.proc.pid)  # what user code forked outlives a servlet that was killed
+        _close(self.proc.stdin)
+        if self._on_release is not None:
+            on_release, self._on_release = self._on_release, None
+            on_release()
+
+
+def start_subprocess_servlet(
+    argv: Sequence[str],
+    config: Mapping[str, Any],
+    log: Path,
+    *,
+    name: str,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float = START_TIMEOUT,
+) -> tuple[subprocess.Popen[bytes], dict[str, Any], int]:
+    """Starts ``argv`` as a servlet, hands it ``config`` on stdin and waits for its ready line.
+
+    Its stderr goes to ``log`` (appended, never through a symlink); it runs in
+    a session and process group of its own, so a Ctrl-C in the terminal reaches
+    the client (which then cleans up), not the replicas half-way through a call.
+
+    Returns:
+        the process, its ready line (``{"port": ..., "pid": ...}``), and the
+        offset in ``log`` where this launch's output starts.
+
+    Raises:
+        ClusterError: it exited or said nothing within ``timeout``; the message
+            ends with the tail of its log.
+    """
+    log_fd = open_private(log)
+    try:
+        log_start = os.fstat(log_fd).st_size
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_fd,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log_fd)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps(dict(config)).encode() + b"\n")
+        proc.stdin.flush()
+        ready = _read_ready_line(proc, timeout)
+    except BaseException:
+        _abandon(proc)
+        raise
+    finally:
+        proc.stdout.close()
+    if ready is None:
+        code = proc.poll()
+        _abandon(proc)
+        how = "it said nothing" if code is None else str(ExitStatus.from_returncode(code))
+        raise ClusterError(f"servlet {name!r} did not start ({how}); its log {log} ends with:\n{tail(log)}")
+    return proc, ready, log_start
+
+
+def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
+    """The servlet's ``{"port": ..}`` line, or None if it died or took too long."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                return None
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                return None
+            buf += chunk
+    try:
+        ready = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    return ready if isinstance(ready, dict) and "port" in ready else None
+
+
+def _abandon(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    _kill_group(proc.pid)
+    _close(proc.stdin)
+
+
+def _close(pipe: Any) -> None:
+    if pipe is not None and not pipe.closed:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to what is left of a process group that a servlet led (``start_new_session``)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass  # nothing is left in it
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, or ``(no log)``."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
