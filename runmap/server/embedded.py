@@ -87,7 +87,7 @@ def start_servlet(
     except OSError as exc:
         raise ClusterError(f"servlet {name!r} could not listen on {host}:{port}: {exc}") from exc
     state = ServletState(name)
-    server = uvicorn.Server(server_config(build_app(state, token, max_body)))
+    server = uvicorn.Server(server_config(build_app(state, token, max_body), token))
     failure: list[BaseException] = []
 
     def serve() -> None:

@@ -67,19 +67,28 @@ def watch_parent(on_gone: Any, stdin_watch: bool = True) -> None:
     threading.Thread(target=poll_parent, name="runmap-parent-watch", daemon=True).start()
 
 
-def _http_protocol() -> Any:
-    """httptools, writing each small response in one system call; uvicorn's choice without httptools."""
+def _http_protocol(token: str) -> Any:
+    """httptools, writing each small response in one system call and bounding what a client
+    without ``token`` can make the servlet spend (protocol.py); uvicorn's choice without httptools."""
     try:
-        from runmap.server.protocol import CoalescingHttpToolsProtocol
+        from runmap.server.protocol import bounded_protocol
     except ImportError:
         return "auto"
-    return CoalescingHttpToolsProtocol
+    return bounded_protocol(token)
 
 
-def server_config(app: Any) -> Any:
-    """The uvicorn configuration of every servlet, a process of its own or a thread (embedded)."""
+def server_config(app: Any, token: str | None = None) -> Any:
+    """The uvicorn configuration of every servlet, a process of its own or a thread (embedded).
+
+    ``token`` is the servlet's; by default, the one ``app``'s token check expects (``build_app``).
+    """
     import uvicorn
 
+    if token is None:
+        expected = getattr(app, "expected", None)  # TokenAndLimitMiddleware: b"Bearer <token>"
+        if not (isinstance(expected, bytes) and expected.startswith(b"Bearer ")):
+            raise TypeError("server_config needs the servlet's token: pass token=")
+        token = expected[len(b"Bearer ") :].decode()
     return uvicorn.Config(
         app,
         log_level="warning",
@@ -91,12 +100,30 @@ def server_config(app: Any) -> Any:
         server_header=False,
         date_header=False,
         ws="none",  # no websocket routes; "auto" would import websockets (~45 ms of every start)
-        http=_http_protocol(),
+        http=_http_protocol(token),
     )
+
+
+def raise_open_files_limit() -> None:
+    """Lets the servlet open as many descriptors as its hard limit allows (connections are descriptors)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (hard, 1 << 20, 1 << 16):  # an unlimited hard limit is not a soft limit Linux takes
+        if soft == resource.RLIM_INFINITY or (target != resource.RLIM_INFINITY and target <= soft):
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
+    raise_open_files_limit()
     name = config["name"]
     os.environ["RUNMAP_REPLICA"] = name
 
@@ -116,7 +143,7 @@ def main() -> None:
 
     sock = bind(config.get("host", "127.0.0.1"), int(config.get("port", 0)))
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
-    server = uvicorn.Server(server_config(app))
+    server = uvicorn.Server(server_config(app, config["token"]))
 
     def shutdown() -> None:
         server.should_exit = True
