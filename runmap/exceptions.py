@@ -21,7 +21,8 @@ arrive as :class:`RemoteError`.
     │   ├── ReplicaDiedError           the replica's process is gone
     │   └── ReplicaTimeoutError(TimeoutError)   a call outlived its timeout
     └── ClusterError                   a cluster could not start or reach a servlet
-        └── AllocationError            no resources for the replicas asked for
+        ├── AllocationError            no resources for the replicas asked for
+        └── HostKeyError               OpenSSH refused a host's key (unknown or changed)
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ class ReplicaError(RunmapError):
 class ReplicaDiedError(ReplicaError):
     """A replica's process is gone: exited, killed, or unreachable.
 
-    When a map fails because no replica is left, ``replicas`` maps each replica's
-    name to what happened to it and ``inputs`` lists the affected input indexes.
+    When an input was lost with its replica more than ``retries`` times,
+    ``inputs`` is that input (or chunk) and ``replicas`` maps the replicas that
+    died under it, and only those, to what happened to each. When a map fails
+    because no replica is left, ``replicas`` maps every replica's name to what
+    happened to it and ``inputs`` lists the inputs left undone.
     """
 
     def __init__(
@@ -149,11 +153,21 @@ class AllocationError(ClusterError):
     """No resources could be found for the replicas asked for."""
 
 
+class HostKeyError(ClusterError):
+    """OpenSSH refused to connect to a host because its key is unknown or has changed.
+
+    The message says how to accept a key that is only unknown (``ssh-keyscan``,
+    logging in once with ``ssh``, or ``accept_new_host_keys=True``); a changed
+    key is never accepted on runmap's account.
+    """
+
+
 __all__ = [
     "AllocationError",
     "AuthError",
     "ClusterError",
     "ConfigError",
+    "HostKeyError",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",

@@ -28,6 +28,7 @@ import io
 import os
 import pickle
 import struct
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,8 +202,12 @@ class ErrorInfo:
         type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         return cls(blob, type_name, str(exc), tb)
 
-    def to_exception(self) -> BaseException:
-        """Rebuilds the user's exception with the remote traceback as its cause."""
+    def to_exception(self, index: int | None = None, replica: str | None = None) -> BaseException:
+        """Rebuilds the user's exception with the remote traceback as its cause.
+
+        With ``replica`` (and ``index``, the input's position in its map), the
+        exception also says where it was raised; see :func:`annotate`.
+        """
         exc: BaseException | None = None
         if self.exc is not None:
             try:
@@ -212,7 +217,28 @@ class ErrorInfo:
         if exc is None:
             exc = RemoteError(f"{self.type_name}: {self.message}", self.type_name, self.tb)
         exc.__cause__ = RemoteTraceback(self.tb)
+        if replica is not None:
+            annotate(exc, index, replica)
         return exc
+
+
+def annotate(exc: BaseException, index: int | None, replica: str) -> None:
+    """Says on a user's exception which input and replica raised it, without changing its type.
+
+    It gets the attributes ``runmap_index`` (the input's position in its map,
+    None for a single call) and ``runmap_replica``, and, on Python 3.11+, a
+    PEP 678 note that tracebacks print below the message:
+    ``runmap: raised by input 3 on replica check_replica_1``.
+    """
+    try:
+        exc.runmap_index = index  # type: ignore[attr-defined]
+        exc.runmap_replica = replica  # type: ignore[attr-defined]
+    except Exception:  # a __setattr__ of its own that refuses: the note still says it
+        pass
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(f"runmap: raised by input {index} on replica {replica}" if index is not None
+                 else f"runmap: raised on replica {replica}")  # fmt: skip
 
 
 @dataclass
@@ -288,12 +314,27 @@ def dump_module(obj: Any, by_value: bool = False) -> bytes:
     return buf.getvalue()
 
 
+_paths_lock = threading.Lock()
+_installed: tuple[str, ...] = ()
+
+
+def _installed_paths() -> tuple[str, ...]:
+    """Where the standard library and installed packages live (``sysconfig``'s first use isn't thread-safe)."""
+    global _installed
+    with _paths_lock:
+        if not _installed:
+            import sysconfig
+
+            paths = sysconfig.get_paths()
+            _installed = tuple({paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+        return _installed
+
+
 def _own_modules(obj: Any) -> list[Any]:
     """The client's own modules (not the standard library, not installed packages) that ``obj`` comes from."""
     import sys
-    import sysconfig
 
-    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    installed = _installed_paths()
     parts = obj if isinstance(obj, tuple) else (obj,)
     found = []
     for part in parts:

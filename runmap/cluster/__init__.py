@@ -26,7 +26,8 @@ def cluster(kind: str = "local", **options: Any) -> Cluster:
     """A cluster to run servlets on.
 
     Args:
-        kind: ``"local"`` (this machine), or ``"ray"`` (``pip install runmap[ray]``).
+        kind: ``"local"`` (this machine), ``"ssh"`` (hosts reached with OpenSSH:
+            ``hosts=[...]``), or ``"ray"`` (``pip install runmap[ray]``).
         **options: the kind's own options, such as ``name`` or ``address``.
 
     With no options, ``rm.cluster()`` is the embedded local cluster that plain
@@ -43,7 +44,11 @@ def cluster(kind: str = "local", **options: Any) -> Cluster:
         from runmap.cluster.ray import RayCluster
 
         return RayCluster(**options)
-    raise ConfigError(f"unknown cluster kind {kind!r}; expected 'local' or 'ray'")
+    if kind == "ssh":
+        from runmap.cluster.ssh.cluster import SSHCluster
+
+        return SSHCluster(**options)
+    raise ConfigError(f"unknown cluster kind {kind!r}; expected 'local', 'ssh' or 'ray'")
 
 
 __all__ = ["Cluster", "LocalCluster", "cluster", "default_cluster"]

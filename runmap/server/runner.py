@@ -126,6 +126,7 @@ def main() -> None:
     raise_open_files_limit()
     name = config["name"]
     os.environ["RUNMAP_REPLICA"] = name
+    os.environ.update(config.get("env_vars") or {})
 
     # runmap's own stack is imported before any path of the user's is added (see command.py).
     import uvicorn

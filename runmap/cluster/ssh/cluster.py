@@ -1,0 +1,242 @@
+"""SSHCluster: servlets on hosts reached with OpenSSH, one multiplexed connection per host.
+
+    client ── SSHConnection per host (ControlMaster: host keys verified, ~/.ssh/config honoured)
+      │            │ bootstrap once per env: the host's python3 + runmap + the env's reqs, cached by hash
+      │            ▼
+      ├── ssh -S <master> host 'python -P -m runmap.server'   (one session per replica; stdin carries
+      │        the config and the token, its end is the servlet's signal to leave; stderr -> local log)
+      │            │ ready line: {"port": ..., "pid": ...} (the host's loopback)
+      │            ▼
+      └── Unix socket <runtime dir>/ssh/<cluster>/<replica>.sock ── forwarded by the master ──► 127.0.0.1:port
+
+A replica is the local ``ssh`` session that runs its servlet, so every part of
+the seam is the local cluster's: the start-up protocol, the pidfd that tells
+at once that the session ended (and :func:`runmap.cluster.ssh.connection.classify_exit`
+says whether the servlet exited, was killed, or the host was lost), the log
+file the client streams, and the pid ``runmap down`` signals. On the host, the
+servlet listens on loopback only; only sshd is exposed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from runmap.cluster.base import Cluster
+from runmap.cluster.process import ExitStatus, SubprocessServlet, start_subprocess_servlet, tail
+from runmap.cluster.ssh.bootstrap import HostInfo, bootstrap
+from runmap.cluster.ssh.connection import SSHConnection
+from runmap.cluster.ssh.placement import Placement
+from runmap.envs.env import Env
+from runmap.exceptions import ConfigError
+from runmap.paths import log_dir, private_dir, runtime_subdir
+from runmap.server.app import DEFAULT_MAX_BODY
+from runmap.server.command import servlet_command
+from runmap.servlet import Servlet
+from runmap.transport.endpoint import Endpoint
+
+START_TIMEOUT = 120.0
+
+
+class SSHCluster(Cluster):
+    """Replicas on SSH hosts, packed onto them by each env's ``compute``.
+
+    Args:
+        hosts: host names as ``ssh`` takes them: aliases of ``~/.ssh/config``
+            (with their ``User``, ``Port``, ``IdentityFile``, ``ProxyJump``),
+            ``user@host`` or ``user@host:port``.
+        name: the cluster's name.
+        key: a private key file to log in with (else the ssh config's or agent's).
+        config_file: an OpenSSH client config to use instead of ``~/.ssh/config``.
+        accept_new_host_keys: trust a host seen for the first time and record its
+            key (``StrictHostKeyChecking=accept-new``). By default an unknown host
+            key is refused, with a message that says how to accept it.
+        resources: what each host offers, by host name (``{"host-a": {"CPU": 8}}``),
+            in place of what it reports.
+        max_body: the largest request body a servlet accepts, in bytes.
+        stream_logs: print what replicas print on this client's stdout, prefixed.
+
+    Example:
+        >>> import runmap as rm
+        >>> with rm.cluster("ssh", hosts=["host-a", "host-b"]) as hosts:  # doctest: +SKIP
+        ...     env = rm.env(name="work", compute={"CPU": 1})
+        ...     rm.mapper(lambda n: n ** n, cluster=hosts, env=env, num_replicas=4).map(range(8))
+    """
+
+    kind = "ssh"
+    remote_files = True
+
+    def __init__(
+        self,
+        hosts: Sequence[str],
+        name: str = "ssh",
+        *,
+        key: str | os.PathLike[str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        accept_new_host_keys: bool = False,
+        resources: dict[str, dict[str, float]] | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        stream_logs: bool = True,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        if isinstance(hosts, str) or not hosts:
+            raise ConfigError("hosts must be a non-empty list of host names, such as ['host-a', 'user@10.0.0.5:2222']")
+        if len(set(hosts)) != len(hosts):
+            raise ConfigError(f"hosts are listed twice: {list(hosts)}")
+        super().__init__(name, stream_logs)
+        self.hosts = list(hosts)
+        self.max_body = max_body
+        self.start_timeout = start_timeout
+        self._sockets = _socket_dir(uuid.uuid4().hex[:8])  # one per cluster: two of one name never collide
+        self._connections: dict[str, SSHConnection] = {}
+        self._infos: dict[tuple[str, str], HostInfo] = {}
+        self._bootstrap_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._placed: dict[str, str] = {}  # servlet name -> host
+        try:
+            with ThreadPoolExecutor(max_workers=min(8, len(hosts)), thread_name_prefix="runmap-ssh") as pool:
+                connections = list(
+                    pool.map(
+                        lambda host: SSHConnection(
+                            host,
+                            config_file=os.fspath(config_file) if config_file else None,
+                            key=os.fspath(key) if key else None,
+                            accept_new_host_keys=accept_new_host_keys,
+                            control_dir=runtime_subdir("ssh", "ctl"),
+                        ),
+                        self.hosts,
+                    )
+                )
+            self._connections = dict(zip(self.hosts, connections, strict=True))
+            infos = self._bootstrap_all(Env())
+        except BaseException:
+            self._closed = True
+            for conn in self._connections.values():
+                conn.close()
+            raise
+        overrides = resources or {}
+        self.placement = Placement(
+            {
+                host: overrides.get(host)
+                or {"CPU": float(info.cpus), "memory": info.memory_gb * 2**30, "GPU": float(info.gpus)}
+                for host, info in infos.items()
+            }
+        )
+
+    # ------------------------------------------------------------ bootstrap
+
+    def _bootstrap_all(self, env: Env) -> dict[str, HostInfo]:
+        with ThreadPoolExecutor(max_workers=min(8, len(self.hosts)), thread_name_prefix="runmap-ssh") as pool:
+            return dict(zip(self.hosts, pool.map(lambda h: self.host_info(h, env), self.hosts), strict=True))
+
+    def host_info(self, host: str, env: Env) -> HostInfo:
+        """``host`` prepared for ``env`` (built once per content hash, on the host, and cached)."""
+        key = (host, env.content_hash)
+        with self._lock:
+            info = self._infos.get(key)
+            if info is not None:
+                return info
+            gate = self._bootstrap_locks.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                info = self._infos.get(key)
+            if info is None:
+                info = bootstrap(self._connections[host], env.reqs)
+                with self._lock:
+                    self._infos[key] = info
+            return info
+
+    # ------------------------------------------------------------ launching
+
+    def _launch(self, env: Env) -> Servlet:
+        if env.working_dir is not None:
+            raise ConfigError(f"env {env.name!r}: working_dir is not shipped to SSH hosts yet")
+        host = self.placement.place(env.name, env.compute)
+        try:
+            return self._launch_on(host, env)
+        except BaseException:
+            self.placement.release(host, env.compute)
+            raise
+
+    def _launch_on(self, host: str, env: Env) -> Servlet:
+        conn = self._connections[host]
+        info = self.host_info(host, env)
+        log = log_dir(self.name) / f"{env.name}.log"
+        config = {
+            "name": env.name,
+            "token": self.token,
+            "host": "127.0.0.1",  # the host's loopback: reached through the SSH connection only
+            "port": 0,
+            "max_body": self.max_body,
+            "sys_path": [],
+        }
+        # An argv (no shell in between); the env's variables are set by the runner from its
+        # config, so their values show on no command line of the host.
+        argv = ["env", "PYTHONUNBUFFERED=1", *servlet_command(info.python, info.python_version[:2])]
+        config["env_vars"] = dict(env.env_vars)
+        proc, ready, log_start = start_subprocess_servlet(
+            conn.command(argv), config, log, name=env.name, timeout=self.start_timeout
+        )
+        sock = self._sockets / f"{hashlib.blake2b(env.name.encode(), digest_size=6).hexdigest()}.sock"
+        try:
+            conn.forward(sock, int(ready["port"]))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+
+        def describe_exit(code: int) -> ExitStatus:
+            return conn.exit_status(code, tail(log, 5))
+
+        def on_release() -> None:
+            self.placement.release(host, env.compute)
+            conn.cancel_forward(sock, int(ready["port"]))
+
+        process = SubprocessServlet(
+            proc, log, log_start, host=host, pid=int(ready["pid"]), describe_exit=describe_exit, on_release=on_release
+        )
+        process.watch(lambda: self._host_check(host))
+        return Servlet(env, self, Endpoint(env.name, str(sock), self.token), process)
+
+    def _host_check(self, host: str) -> None:
+        """A session on ``host`` ended: if the connection went with it, the host is lost."""
+        if not self._connections[host].alive():
+            self.placement.lose(host)
+
+    # ------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Stops every servlet (each leaves, ending what it forked), then closes the connections."""
+        super().close()
+        with self._lock:
+            connections, self._connections = dict(self._connections), {}
+        for conn in connections.values():
+            conn.close()
+        shutil.rmtree(self._sockets, ignore_errors=True)
+
+    def describe_hosts(self) -> dict[str, Any]:
+        """Each host's capacity, what is placed there, and whether it is lost."""
+        return {
+            host: {"total": self.placement.total[host], "used": self.placement.used[host],
+                   "lost": host in self.placement.lost}
+            for host in self.hosts
+        }
+
+
+SUN_PATH_MAX = 100  # a Unix socket's path must fit in sockaddr_un (108 bytes, less what ssh appends)
+
+
+def _socket_dir(unique: str) -> Path:
+    """A private directory for the local ends of the forwards, short enough for socket paths."""
+    path = runtime_subdir("ssh", unique)
+    if len(str(path)) + 18 > SUN_PATH_MAX:
+        path = private_dir(Path(tempfile.gettempdir()) / f"runmap-{os.getuid()}-ssh", what="runmap's socket directory")
+        path = private_dir(path / unique, what="runmap's socket directory")
+    return path

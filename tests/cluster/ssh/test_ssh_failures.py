@@ -1,0 +1,33 @@
+"""The crash table of tests/test_failures.py, on replicas on SSH hosts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from sshd_hosts import SshHosts
+from test_failures import CRASHES, EXPECTED, POISON, N, crash_at
+
+import runmap as rm
+from runmap.cluster.ssh import SSHCluster
+
+
+@pytest.fixture(scope="module")
+def hosts(ssh_hosts: SshHosts) -> Iterator[SSHCluster]:
+    with rm.cluster("ssh", hosts=["host-a", "host-b", "host-c"], name="crashes", config_file=ssh_hosts.config) as c:
+        yield c  # type: ignore[misc]
+    ssh_hosts.assert_clean()
+
+
+@pytest.mark.parametrize("case,options,error,pattern", CRASHES, ids=[c[0] for c in CRASHES])
+def test_crash_table_on_ssh_hosts(hosts: SSHCluster, case: str, options: dict, error: type, pattern: str) -> None:
+    env = rm.env(name=f"crash-{case}", compute={"CPU": 0.5})
+    with rm.mapper(crash_at, cluster=hosts, env=env, num_replicas=3, **options) as mapper:
+        results = mapper.map(range(N), kwargs={"case": case}, return_exceptions=True, progress=False)
+        assert isinstance(results[POISON], error), results[POISON]
+        assert re.search(pattern, str(results[POISON])), str(results[POISON])
+        assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
+        with pytest.raises(error):
+            mapper.map(range(N), kwargs={"case": case}, progress=False)
+        assert mapper.map(range(10), kwargs={"case": "none"}, progress=False) == EXPECTED[:10]
