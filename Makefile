@@ -16,6 +16,7 @@ demo: $(VENV)/.installed-base
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-test
+	scripts/install-test-tools.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test

@@ -15,19 +15,21 @@ the servlet, and attribute access on that instance gives remote methods.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from runmap import serialization as ser
 from runmap.envs.env import Env
-from runmap.exceptions import ConfigError
+from runmap.exceptions import ClusterError, ConfigError, ReplicaDiedError
 from runmap.server.state import CLASS, FUNCTION
 
 if TYPE_CHECKING:
     from runmap.cluster.base import Cluster
     from runmap.servlet import Servlet
+    from runmap.transport.base import Channel
 
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()
@@ -48,13 +50,35 @@ def _resolve_cluster(cluster: Cluster | None) -> Cluster:
     return cluster
 
 
+@contextlib.contextmanager
+def _reaching(servlet: Servlet) -> Iterator[Channel]:
+    """This thread's channel to ``servlet``; a closed cluster is said to be closed.
+
+    A servlet ends with its cluster, so reaching it then would only say that
+    the connection was refused.
+    """
+    if servlet.cluster.closed:
+        raise _closed(servlet)
+    try:
+        yield servlet.channel()
+    except ReplicaDiedError as exc:
+        if servlet.cluster.closed:  # closed while the call was under way
+            raise _closed(servlet) from exc
+        raise
+
+
+def _closed(servlet: Servlet) -> ClusterError:
+    return ClusterError(f"cluster {servlet.cluster.name!r} is closed: replica {servlet.name!r} ended with it")
+
+
 def _single_call(
     servlet: Servlet, module: str, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     payload = ser.dump_call(ser.STAR, [args], kwargs)
-    outcome = ser.load_outcome(servlet.channel().call(module, method, payload))
+    with _reaching(servlet) as channel:
+        outcome = ser.load_outcome(channel.call(module, method, payload))
     if outcome.errors:
-        raise outcome.errors[0].to_exception()
+        raise outcome.errors[0].to_exception(None, servlet.name)
     return outcome.results[0]
 
 
@@ -73,9 +97,10 @@ class Remote:
 
     @classmethod
     def place(cls, servlet: Servlet, module_name: str, spec: bytes) -> Remote:
-        outcome = ser.load_outcome(servlet.channel().put_module(module_name, spec))
+        with _reaching(servlet) as channel:
+            outcome = ser.load_outcome(channel.put_module(module_name, spec))
         if outcome.errors:
-            raise outcome.errors[0].to_exception()
+            raise outcome.errors[0].to_exception(None, servlet.name)
         return cls(servlet, module_name, spec)
 
     def replicate(self, servlet: Servlet) -> Remote:
@@ -89,7 +114,8 @@ class Remote:
 
     def remove(self) -> None:
         """Drops the module from its servlet."""
-        self.servlet.channel().delete_module(self.module_name)
+        with _reaching(self.servlet) as channel:
+            channel.delete_module(self.module_name)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.module_name} on {self.servlet.name}>"

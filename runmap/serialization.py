@@ -247,7 +247,6 @@ class Outcome:
 
     results: list[Any]
     errors: dict[int, ErrorInfo] = field(default_factory=dict)
-    duration: float = 0.0  # seconds the servlet spent running the chunk
 
 
 def dump_outcome(outcome: Outcome) -> bytes:
@@ -257,8 +256,8 @@ def dump_outcome(outcome: Outcome) -> bytes:
             results = outcome.results
             if _has_large_buffers(results):
                 results = [_wrap(x) for x in results]
-                return dumps_out_of_band((results, _errors_to_wire(outcome.errors), outcome.duration))
-            return dumps((results, _errors_to_wire(outcome.errors), outcome.duration))
+                return dumps_out_of_band((results, _errors_to_wire(outcome.errors)))
+            return dumps((results, _errors_to_wire(outcome.errors)))
         except Exception as exc:
             bad = first_unpicklable(outcome.results)
             if bad is None:
@@ -280,9 +279,9 @@ def _errors_to_wire(errors: dict[int, ErrorInfo]) -> dict[int, tuple[bytes | Non
 
 
 def load_outcome(data: bytes | bytearray | memoryview) -> Outcome:
-    results, errors, duration = loads(data)
+    results, errors = loads(data)
     wire = errors or {}
-    return Outcome(results, {i: ErrorInfo(*e) for i, e in wire.items()}, duration)
+    return Outcome(results, {i: ErrorInfo(*e) for i, e in wire.items()})
 
 
 # ------------------------------------------------------------------- modules

@@ -13,8 +13,9 @@ from sshd_hosts import ssh_hosts  # noqa: F401  (session fixture: real sshd host
 import runmap as rm
 from runmap.cluster.inprocess import InProcessCluster
 
-# Threads that libraries start once per process and keep on purpose.
-_LONG_LIVED_THREADS = ("TMonitor", "ThreadPoolExecutor", "AnyIO worker thread")
+# Threads that third-party libraries start once per process and keep on purpose (tqdm's
+# monitor, AnyIO's worker threads). Every thread runmap starts is named "runmap-...", and checked.
+_LONG_LIVED_THREADS = ("TMonitor", "AnyIO worker thread")
 LEAK_GRACE_SECONDS = 10.0
 
 

@@ -7,6 +7,7 @@ middle of a map of hundreds of inputs, and what the user must see.
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 
 import pytest
+from processes import assert_all_end
 
 import runmap as rm
 
@@ -49,6 +51,11 @@ def crash_at(x: int, case: str, marker: str | None = None) -> int:
 
 EXPECTED = [2 * x for x in range(N)]
 
+
+def fates(mapper: rm.Mapper) -> dict[str, str]:
+    """What became of each replica the Mapper has had."""
+    return {r.name: r.reason or "alive" for r in mapper._pool.replicas}
+
 # (case, mapper options, error type in slot POISON, pattern of its message)
 CRASHES = [
     ("exit", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*exit code 1"),
@@ -80,7 +87,7 @@ def test_a_crash_that_happens_once_loses_nothing(case: str, tmp_path) -> None:  
         results = mapper.map(range(N), kwargs={"case": case, "marker": marker}, progress=False)
         assert results == EXPECTED
         assert os.path.exists(marker)
-        dead = [n for n, r in mapper._pool.describe().items() if r != "alive"]
+        dead = [n for n, r in fates(mapper).items() if r != "alive"]
         assert len(dead) == 1
         deadline = time.monotonic() + 20
         while mapper.num_replicas < 3 and time.monotonic() < deadline:  # replaced in the background
@@ -98,18 +105,14 @@ def test_sigkill_from_outside_mid_map() -> None:
         victim = mapper.replicas[1]
         victim_pid = victim.servlet.pid
         assert victim_pid is not None
-
-        def kill_soon() -> None:
-            time.sleep(0.4)
-            os.kill(victim_pid, signal.SIGKILL)
-
-        killer = threading.Thread(target=kill_soon)
-        killer.start()
-        results = mapper.map(range(400), chunksize=1, progress=False)
-        killer.join()
+        results = []
+        for result in mapper.imap(range(400), chunksize=1, progress=False):
+            results.append(result)
+            if len(results) == 50:  # mid-map: 350 inputs to go, some of them on the victim
+                os.kill(victim_pid, signal.SIGKILL)
         assert [v for _, v in results] == [2 * x for x in range(400)]
         assert victim.name not in {r.name for r in mapper.replicas}
-        assert "SIGKILL(-9)" in mapper._pool.describe()[victim.name]
+        assert "SIGKILL(-9)" in fates(mapper)[victim.name]
         after = mapper.map(range(100), progress=False)
         assert victim_pid not in {pid for pid, _ in after}
         assert [v for _, v in after] == [2 * x for x in range(100)]
@@ -227,6 +230,7 @@ def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[
     db, log = tmp_path / "run.db", tmp_path / "calls.log"
     script = textwrap.dedent(
         f"""
+        import json
         import time
         import runmap as rm
 
@@ -237,6 +241,7 @@ def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[
             return x * 10
 
         with rm.mapper(slow, num_replicas=2) as mapper:
+            print(json.dumps([r.servlet.pid for r in mapper.replicas]), flush=True)
             for i, _ in enumerate(mapper.imap(range(100), chunksize=1, checkpoint={str(db)!r}, progress=False)):
                 if i == 30:
                     print("halfway", flush=True)
@@ -244,11 +249,13 @@ def test_checkpoint_survives_a_killed_client(tmp_path) -> None:  # type: ignore[
     )
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert client.stdout is not None
+    servlets = json.loads(client.stdout.readline())
     assert client.stdout.readline().strip() == "halfway"
     client.kill()
     client.wait(30)
     client.stdout.close()
-    time.sleep(1.5)  # the orphaned servlets notice and exit
+    # The orphaned servlets notice and exit; until then, a call of theirs may still write to the log.
+    assert_all_end(servlets, within=10, what="a servlet outlived its killed client")
     log.unlink()
     with rm.mapper(logged, num_replicas=2) as mapper:
         options = {"chunksize": 1, "checkpoint": db, "progress": False}
@@ -266,7 +273,7 @@ def test_a_dead_replica_leaves_its_clusters_books(cluster: rm.LocalCluster) -> N
             os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
         assert len(mapper.map(range(50), chunksize=1, progress=False)) == 50
         assert [s.name for s in cluster.servlets] == ["books_replica_2"]
-        assert "SIGKILL(-9)" in mapper._pool.describe()["books"]
+        assert "SIGKILL(-9)" in fates(mapper)["books"]
 
 
 def test_a_callable_that_cannot_travel_starts_nothing() -> None:
@@ -274,3 +281,50 @@ def test_a_callable_that_cannot_travel_starts_nothing() -> None:
     with pytest.raises(rm.SerializationError, match="could not be pickled"):
         rm.mapper(lambda x: (lock, x), num_replicas=3)
     # the autouse leak check fails this test if a servlet was left running
+
+
+def test_a_lost_input_names_only_the_replicas_that_died_under_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with rm.mapper(crash_at, num_replicas=3, retries=1) as mapper:
+        # A replica dies in an earlier map (and is replaced): no part of the next map's story.
+        mapper.map(range(N), kwargs={"case": "exit", "marker": str(tmp_path / "once")}, progress=False)
+        results = mapper.map(range(N), kwargs={"case": "exit"}, return_exceptions=True, progress=False)
+    err = results[POISON]
+    assert isinstance(err, rm.ReplicaDiedError), err
+    assert err.inputs == [POISON]
+    assert list(err.replicas.values()) == ["died: exit code 1"] * 2, err.replicas
+    first, second = err.replicas
+    assert str(err) == (
+        f"input {POISON} was lost twice, each time with the replica running it: "
+        f"{first} (died: exit code 1), {second} (died: exit code 1)"
+    )
+    assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
+
+
+def hang_or_wait(x: str, marker: str) -> str:
+    """"hang" waits for "victim" to be running beside it, then outlives any timeout; "victim"
+    runs until its replica is killed the first time, and answers at once the next."""
+    if x == "hang":
+        while not os.path.exists(marker):
+            time.sleep(0.01)
+        time.sleep(60)
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(60)
+    return x
+
+
+def test_a_timeout_charges_only_the_input_that_timed_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    kwargs = {"marker": str(tmp_path / "victim-started")}
+    with rm.mapper(hang_or_wait, num_replicas=1, concurrency=2, retries=0) as mapper:
+        (replica,) = mapper.replicas
+        victim: list[object] = []
+        # Its own map, whose timeout only the replica's death can cut short.
+        beside = threading.Thread(target=lambda: victim.extend(
+            mapper.map(["victim"], kwargs=kwargs, timeout=120, return_exceptions=True, progress=False)))  # fmt: skip
+        beside.start()
+        (hung,) = mapper.map(["hang"], kwargs=kwargs, timeout=2, return_exceptions=True, progress=False)
+        beside.join(60)
+        assert isinstance(hung, rm.ReplicaTimeoutError), hung
+        assert victim == ["victim"], victim  # run again on the replacement, though retries=0
+        assert replica.name not in {r.name for r in mapper.replicas}
+        assert fates(mapper)[replica.name] == "killed after a call outlived its timeout of 2 s"

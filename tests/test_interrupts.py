@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from processes import assert_all_end
 
@@ -33,17 +35,18 @@ def test_imap_over_count_stops_when_the_caller_stops() -> None:
 
 CTRL_C_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
     import runmap as rm
 
-    def nap(x):
+    def nap(x, started):
+        open(os.path.join(started, str(x)), "w").close()
         time.sleep(30)
         return x
 
     mapper = rm.mapper(nap, num_replicas=2)
     print(json.dumps([r.servlet.pid for r in mapper.replicas]), flush=True)
     try:
-        mapper.map(range(100), progress=False)
+        mapper.map(range(100), kwargs={"started": sys.argv[1]}, progress=False)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         raise
@@ -51,13 +54,16 @@ CTRL_C_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ctrl_c_returns_within_a_second_and_leaves_nothing() -> None:
+def test_ctrl_c_returns_within_a_second_and_leaves_nothing(tmp_path: Path) -> None:
     client = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert client.stdout is not None and client.stderr is not None
     pids = json.loads(client.stdout.readline())
-    time.sleep(1.0)  # the map is under way
+    deadline = time.monotonic() + 30
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:  # both replicas are running a call
+        time.sleep(0.02)
+    assert len(os.listdir(tmp_path)) == 2, "the map did not get under way"
     sent = time.monotonic()
     client.send_signal(signal.SIGINT)
     line = client.stdout.readline()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 
 import pytest
@@ -215,3 +217,89 @@ def test_close_answers_every_pending_future() -> None:
     done, not_done = wait(futures, timeout=10)
     assert not not_done
     assert all(isinstance(f.exception(), rm.ReplicaDiedError) for f in futures[1:])
+
+
+class SourceBroke(Exception):
+    pass
+
+
+def three_then_fail():  # type: ignore[no-untyped-def]
+    yield from range(3)
+    raise SourceBroke("the source broke after 3 inputs")
+
+
+@pytest.mark.parametrize("chunksize", ["auto", 2])
+def test_a_generator_that_raises_gives_the_results_before_it_then_its_own_error(chunksize: int | str) -> None:
+    with rm.mapper(power, num_replicas=2) as mapper:
+        received = []
+        with pytest.raises(SourceBroke, match="after 3 inputs"):
+            for r in mapper.imap(three_then_fail(), chunksize=chunksize, progress=False):
+                received.append(r)
+        assert received == [power(n) for n in range(3)]
+        unordered = []
+        with pytest.raises(SourceBroke):
+            for r in mapper.imap_unordered(three_then_fail(), chunksize=chunksize, progress=False):
+                unordered.append(r)
+        assert sorted(unordered) == [power(n) for n in range(3)]
+        with pytest.raises(SourceBroke):
+            mapper.map(three_then_fail(), progress=False)
+        assert mapper.map([2], progress=False) == [4]  # nothing stale left behind
+
+
+def test_a_user_exception_says_which_input_and_replica_raised_it(cluster: rm.LocalCluster) -> None:
+    target = rm.function(fail_on_three).to(cluster, env=rm.env(name="three"))
+    with rm.mapper(target, num_replicas=2) as mapper:
+        names = {r.name for r in mapper.replicas}
+        with pytest.raises(KeyError) as info:
+            mapper.map(range(6), progress=False)
+        exc = info.value
+        assert type(exc) is KeyError  # its own type, nothing wrapped around it
+        assert exc.runmap_index == 3 and exc.runmap_replica in names  # type: ignore[attr-defined]
+        if sys.version_info >= (3, 11):
+            assert exc.__notes__ == [f"runmap: raised by input 3 on replica {exc.runmap_replica}"]  # type: ignore[attr-defined]
+            assert f"input 3 on replica {exc.runmap_replica}" in "".join(traceback.format_exception(exc))  # type: ignore[attr-defined]
+
+        returned = mapper.map(range(6), return_exceptions=True, progress=False)[3]
+        assert isinstance(returned, KeyError) and returned.runmap_index == 3  # type: ignore[attr-defined]
+
+        with pytest.raises(KeyError) as one:
+            mapper.call(3)
+        assert one.value.runmap_index is None and one.value.runmap_replica in names  # type: ignore[attr-defined]
+    with pytest.raises(KeyError) as direct:
+        target(3)
+    assert direct.value.runmap_replica == "three"  # type: ignore[attr-defined]
+    if sys.version_info >= (3, 11):
+        assert direct.value.__notes__ == ["runmap: raised on replica three"]
+
+
+def test_a_timeout_must_be_a_positive_number_or_none() -> None:
+    bad = [0, -1, "5", True, float("nan"), float("inf")]
+    for value in bad:
+        with pytest.raises(rm.ConfigError, match="timeout"):
+            rm.mapper(power, num_replicas=1, timeout=value)
+    with rm.mapper(power, num_replicas=1, timeout=None) as mapper:
+        for value in bad:
+            with pytest.raises(rm.ConfigError, match="timeout"):
+                mapper.map([1], timeout=value, progress=False)
+        assert mapper.map([2], timeout=30, progress=False) == [4]
+        assert mapper.map([2], timeout=0.5, progress=False) == [4]
+
+
+def test_remote_methods_are_accepted_as_replicas(cluster: rm.LocalCluster) -> None:
+    a = rm.module(Model).to(cluster, env=rm.env(name="ma"))(scale=2)
+    b = rm.module(Model).to(cluster, env=rm.env(name="mb"))(scale=2)
+    c = rm.module(Model).to(cluster, env=rm.env(name="mc"))(scale=2)
+    with rm.mapper(a.predict, replicas=[b.predict]) as mapper:
+        assert sorted(r.name for r in mapper.replicas) == ["ma", "mb"]
+        mapper.add_replicas([c.predict])
+        results = mapper.map(range(60), chunksize=1, progress=False)
+        assert sorted(r.name for r in mapper.replicas) == ["ma", "mb", "mc"]
+        with pytest.raises(rm.ConfigError, match="busy"):
+            mapper.add_replicas([c.busy])
+    assert [v for _, v in results] == [2 * x for x in range(60)]
+    with pytest.raises(rm.ConfigError, match="'busy'.*'predict'"):
+        rm.mapper(a.predict, replicas=[b.busy])
+    with pytest.raises(rm.ConfigError, match="'busy'.*'predict'"):
+        rm.mapper(a, method="predict", replicas=[b.busy])
+    with rm.mapper(a, method="predict", replicas=[b.predict]) as mapper:
+        assert mapper.num_replicas == 2

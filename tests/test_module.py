@@ -84,3 +84,15 @@ def test_env_validation() -> None:
         rm.env(name="a/b")
     assert rm.env(name="m").replicate(3).name == "m_replica_3"
     assert rm.env(name="m").replicate(3).replicate(4).name == "m_replica_4"
+
+
+def test_a_module_of_a_closed_cluster_says_the_cluster_is_closed() -> None:
+    with rm.LocalCluster(name="shut") as cluster:
+        remote = rm.function(triple).to(cluster)
+        RemoteCounter = rm.module(Counter).to(cluster, env=rm.env(name="counting"))
+        counter = RemoteCounter()
+        assert remote(1) == 3 and counter.add() == 1
+    for call in (lambda: remote(1), counter.add, RemoteCounter, remote.remove):
+        with pytest.raises(rm.ClusterError, match="cluster 'shut' is closed"):
+            call()
+

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import need
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+nbformat = need("nbformat")
+nbclient = need("nbclient")
+need("ipykernel")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 KERNEL = "runmap-test-python"

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+from needs import in_ci, need
 
 import runmap
 
@@ -24,27 +25,27 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_passes() -> None:
-    pytest.importorskip("ruff")
+    need("ruff")
     result = run("ruff", "check", "runmap", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_passes() -> None:
-    pytest.importorskip("mypy")
+    need("mypy")
     result = run("mypy", "runmap")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_docs_build_strict(tmp_path: Path) -> None:
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings")
+    need("mkdocs")
+    need("mkdocstrings")
     result = run("mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "index.html").exists()
 
 
 def test_every_nav_page_exists() -> None:
-    yaml = pytest.importorskip("yaml")
+    yaml = need("yaml")
     config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
     pages = [page for entry in config["nav"] for page in entry.values()]
     assert [p for p in pages if not (ROOT / "docs" / p).exists()] == []
@@ -73,3 +74,14 @@ def test_the_api_reference_covers_all_public_names() -> None:
 
 def test_the_package_is_typed() -> None:
     assert (ROOT / "runmap" / "py.typed").exists()
+
+
+def test_a_missing_tool_skips_here_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    assert not in_ci()
+    with pytest.raises(pytest.skip.Exception, match="runmap_no_such_tool"):
+        need("runmap_no_such_tool")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="runmap_no_such_tool"):
+        need("runmap_no_such_tool")
+    assert need("types") is types

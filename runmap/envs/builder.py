@@ -6,6 +6,8 @@ site-packages, so the env's requirements win where both have a package and
 nothing has to be installed twice. ``uv`` is used when it is on the PATH
 (seconds), else ``venv`` and ``pip``. Concurrent builds of one env (replicas
 starting in parallel, or two clients) wait on a file lock and build it once.
+A build prints one line on the client when it starts and one when it is done,
+with how long it took.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import site
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from runmap.envs.env import Env
@@ -51,8 +54,18 @@ def build_venv(env: Env) -> str:
     with os.fdopen(open_private(root.parent / f"{env.content_hash}.lock", os.O_WRONLY | os.O_CREAT), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / DONE_MARKER).exists():
+            started = time.monotonic()
+            _say(f"runmap: building env {env.name!r} ({', '.join(env.reqs)}) into a virtual environment")
             _build(env, root)
+            _say(f"runmap: built env {env.name!r} in {time.monotonic() - started:.1f} s")
     return str(python)
+
+
+def _say(line: str) -> None:
+    """One line on the client's stdout, above any progress bar."""
+    from runmap.logs import _print  # tqdm.write, as replicas' lines are
+
+    _print(line)
 
 
 def _build(env: Env, root: Path) -> None:

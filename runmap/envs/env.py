@@ -48,6 +48,7 @@ class Env:
         for key, value in self.env_vars.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ConfigError(f"env_vars must map str to str, not {key!r}: {value!r}")
+        check_requirements(self.reqs, self.working_dir)
         if not self.origin:
             object.__setattr__(self, "origin", self.name)
 
@@ -75,6 +76,36 @@ class Env:
             sort_keys=True,
         )
         return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def check_requirements(reqs: Sequence[str], working_dir: str | None = None) -> None:
+    """Checks each of ``reqs`` now, not when a replica's build fails seconds later.
+
+    A requirement is a PEP 508 string (``"numpy>=2"``, ``"pkg @ https://..."``),
+    or the path of a requirements file ending in ``.txt`` that exists (relative
+    to ``working_dir``, else to the working directory). What pip takes besides
+    (a URL, the path of an existing wheel or project, an option such as
+    ``--extra-index-url=...``) passes unchecked.
+
+    Raises:
+        ConfigError: naming the requirement and what is wrong with it.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    base = working_dir or os.getcwd()
+    for req in reqs:
+        if not isinstance(req, str):
+            raise ConfigError(f"a requirement must be a string, not {req!r}")
+        if req.endswith(".txt"):
+            if not os.path.isfile(os.path.join(base, req)):
+                raise ConfigError(f"requirements file {req!r} not found (looked in {base})")
+            continue
+        if req.startswith("-") or "://" in req or (req and os.path.exists(os.path.join(base, req))):
+            continue
+        try:
+            Requirement(req)
+        except InvalidRequirement as exc:
+            raise ConfigError(f"{req!r} is not a valid requirement: {exc}") from None
 
 
 def env(

@@ -29,10 +29,10 @@ from runmap.exceptions import ConfigError, RunmapError
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT
 from runmap.mapper.pool import Replica, ReplicaPool
 from runmap.mapper.provider import ReplicaProvider
-from runmap.mapper.run import MapRun, input_len, parse_options, zip_inputs
+from runmap.mapper.run import MapRun, check_timeout, input_len, parse_options, zip_inputs
 from runmap.mapper.targets import resolve_target
 from runmap.mapper.tasks import FutureSink, Task
-from runmap.module import Remote
+from runmap.module import Remote, RemoteMethod
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
 
@@ -60,7 +60,7 @@ class Mapper:
         target: Any,
         method: str | None = None,
         *,
-        replicas: list[Remote] | int | None = None,
+        replicas: list[Remote | RemoteMethod] | int | None = None,
         num_replicas: int | None = None,
         concurrency: int = 1,
         timeout: float | None = None,
@@ -76,11 +76,11 @@ class Mapper:
             if num_replicas is not None and num_replicas != replicas:
                 raise ConfigError("replicas=<int> is num_replicas; give one of them")
             num_replicas, replicas = replicas, None
-        supplied: list[Remote] = [] if replicas is None or isinstance(replicas, int) else list(replicas)
-        for r in supplied:
-            if not isinstance(r, Remote):
-                raise ConfigError(f"replicas must be remote modules (from .to()), not {type(r).__name__}")
+        mapped = target.name if isinstance(target, RemoteMethod) else method
+        given = [] if replicas is None or isinstance(replicas, int) else list(replicas)
+        supplied = [_as_replica(r, mapped) for r in given]
         _check_positive("concurrency", concurrency)
+        check_timeout(timeout)
         if num_replicas is not None:
             _check_positive("num_replicas", num_replicas)
         if liveness_timeout is not None and not (
@@ -137,8 +137,8 @@ class Mapper:
     def num_replicas(self) -> int:
         return len(self._pool.alive)
 
-    def add_replicas(self, n_or_list: int | list[Remote]) -> list[Remote]:
-        """Adds ``n`` replicas made by duplicating the target's env, or the given remote modules."""
+    def add_replicas(self, n_or_list: int | list[Remote | RemoteMethod]) -> list[Remote]:
+        """Adds ``n`` replicas made by duplicating the target's env, or the given remote modules (or methods)."""
         self._check_open()
         if isinstance(n_or_list, int):
             if n_or_list <= 0:
@@ -152,11 +152,10 @@ class Mapper:
             if errors:
                 raise errors[0]  # type: ignore[misc]
             return created
-        for r in n_or_list:
-            if not isinstance(r, Remote):
-                raise ConfigError(f"replicas must be remote modules (from .to()), not {type(r).__name__}")
-            self._pool.add(r, owned=False)
-        return list(n_or_list)
+        supplied = [_as_replica(r, self.method) for r in n_or_list]
+        for remote in supplied:
+            self._pool.add(remote, owned=False)
+        return supplied
 
     def _start_early(self, cluster: Cluster, env: Env, n: int) -> None:
         """Starts ``n`` replicas' servlets while the target's own starts: in parallel, not after it."""
@@ -305,6 +304,22 @@ class Mapper:
 
     def __repr__(self) -> str:
         return f"<Mapper {self._prototype.module_name}.{self.method or '__call__'} replicas={self.num_replicas}>"
+
+
+def _as_replica(replica: Any, method: str | None) -> Remote:
+    """A replica given in ``replicas=[...]``: a remote module, or a remote method of the one mapped."""
+    if isinstance(replica, RemoteMethod):
+        if replica.name != method:
+            mapped = repr(method) if method else "a function"
+            raise ConfigError(
+                f"a replica was given as its method {replica.name!r} ({replica!r}), but this Mapper maps {mapped}"
+            )
+        return replica.instance
+    if not isinstance(replica, Remote):
+        raise ConfigError(
+            f"replicas must be remote modules or remote methods (from .to()), not {type(replica).__name__}"
+        )
+    return replica
 
 
 def _retryable(

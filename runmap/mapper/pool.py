@@ -45,10 +45,10 @@ class Replica:
     provider: ReplicaProvider
     retired: bool = False
     frozen: bool = False  # retired for not answering health probes
+    timed_out: bool = False  # killed because a call outlived its timeout (while answering probes)
     reason: str = ""
     slots: list[threading.Thread] = field(default_factory=list)
     channels: list[Channel] = field(default_factory=list)
-    calls: int = 0
 
     @property
     def name(self) -> str:
@@ -134,15 +134,6 @@ class ReplicaPool:
         with self._lock:
             return [r for r in self.replicas if not r.retired]
 
-    @property
-    def broken(self) -> ReplicaDiedError | None:
-        return self._broken
-
-    def describe(self) -> dict[str, str]:
-        """Each replica's name and what became of it."""
-        with self._lock:
-            return {r.name: (r.reason or "alive") for r in self.replicas}
-
     # ----------------------------------------------------------------- tasks
 
     def submit(self, task: Task, front: bool = False) -> None:
@@ -198,7 +189,6 @@ class ReplicaPool:
                         ),
                     )
                     continue
-                replica.calls += 1
                 task.sink.done(task, outcome, replica.name, time.perf_counter() - started)
         finally:
             channel.close()
@@ -208,6 +198,11 @@ class ReplicaPool:
     def _lost(self, replica: Replica, task: Task, exc: ReplicaDiedError) -> None:
         if self._closing:
             task.sink.failed(task, exc)
+            return
+        if replica.timed_out and not replica.frozen:
+            # Killed because another call on it outlived its timeout: this input did
+            # nothing wrong, so it runs again at once, without using up a retry.
+            self.submit(task, front=True)
             return
         if not replica.retired:
             self._retire(replica, self._death_reason(replica, exc))
@@ -220,26 +215,22 @@ class ReplicaPool:
         if task.count > 1 and task.attempts <= self.retries:
             self._retry_one_by_one(task)
         elif task.attempts > self.retries:
-            task.sink.failed(
-                task,
-                ReplicaDiedError(
-                    f"inputs {_span(task)} were lost {task.attempts} times, with replicas "
-                    f"{', '.join(task.lost_on)} dying under them: {self._describe_text()}",
-                    replica.name,
-                    replicas=self.describe(),
-                    inputs=list(task.indexes),
-                ),
-            )
+            fates = self._fates(task.lost_on)
+            message = _lost_message(task, fates)
+            task.sink.failed(task, ReplicaDiedError(message, replica.name, replicas=fates, inputs=list(task.indexes)))
         else:
             self.submit(task, front=True)
 
     def _timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:
-        if not self._answers(replica):
+        if not replica.timed_out and not self._answers(replica):
             # A frozen replica, not a slow input: the replica failed, so the input is retried.
             self.retire_frozen(replica, f"stopped answering during a call of {task.timeout:g} s (frozen?)")
             self._lost(replica, task, ReplicaDiedError(f"{replica.name} stopped answering", replica.name))
             return
-        # Python can't stop the thread running the call: the replica has to go.
+        # Python can't stop the thread running the call: the replica has to go. Only this
+        # input is charged: the other calls in flight on it run again as if nothing happened
+        # (see _lost). A second call that outlived its own timeout meanwhile is charged too.
+        replica.timed_out = True
         self._retire(replica, f"killed after a call outlived its timeout of {task.timeout:g} s", kill=True)
         if task.count > 1:
             self._retry_one_by_one(task)  # which input was slow is unknown: each gets the full timeout
@@ -304,7 +295,7 @@ class ReplicaPool:
         """Breaks the pool if no replica is left and none is coming. Holds ``_lock``."""
         if self._pending_replacements > 0 or any(not r.retired for r in self.replicas):
             return
-        described = {r.name: (r.reason or "alive") for r in self.replicas}
+        described = {r.name: r.reason for r in self.replicas}
         queued = self.tasks.drain()
         inputs = sorted(i for t in queued for i in t.indexes)
         self._broken = ReplicaDiedError(
@@ -315,8 +306,11 @@ class ReplicaPool:
         for task in queued:
             task.sink.failed(task, self._broken)
 
-    def _describe_text(self) -> str:
-        return "; ".join(f"{n}: {r}" for n, r in self.describe().items())
+    def _fates(self, names: list[str]) -> dict[str, str]:
+        """What became of each of the replicas ``names``, in order."""
+        with self._lock:
+            reasons = {r.name: r.reason for r in self.replicas}
+        return {name: reasons.get(name) or "lost" for name in dict.fromkeys(names)}
 
     # --------------------------------------------------------------- closing
 
@@ -353,6 +347,16 @@ class ReplicaPool:
 
 def _span(task: Task) -> str:
     return str(task.start) if task.count == 1 else f"{task.start}-{task.start + task.count - 1}"
+
+
+def _lost_message(task: Task, fates: dict[str, str]) -> str:
+    """``input 7 was lost twice, each time with the replica running it: a (died: SIGKILL(-9)), b (...)``."""
+    what, it = (f"input {task.start} was", "it") if task.count == 1 else (f"inputs {_span(task)} were", "them")
+    replicas = ", ".join(f"{name} ({fate})" for name, fate in fates.items())
+    if task.attempts == 1:
+        return f"{what} lost with the replica running {it}: {replicas}"
+    times = "twice" if task.attempts == 2 else f"{task.attempts} times"
+    return f"{what} lost {times}, each time with the replica running {it}: {replicas}"
 
 
 def _name_inputs(exc: SerializationError, task: Task, replica: str) -> SerializationError:

@@ -14,6 +14,7 @@ never makes the client read without bound.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
@@ -62,7 +63,16 @@ def parse_options(options: dict[str, Any]) -> MapOptions:
     opts = MapOptions(**options)
     if opts.kwargs is not None and not isinstance(opts.kwargs, dict):
         raise ConfigError(f"kwargs must be a dict, not {type(opts.kwargs).__name__}")
+    check_timeout(opts.timeout)
     return opts
+
+
+def check_timeout(timeout: Any) -> None:
+    """A request's ``timeout``: None (no limit) or a finite number of seconds > 0."""
+    if timeout is None:
+        return
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
+        raise ConfigError(f"timeout must be a number of seconds > 0, or None for no limit, not {timeout!r}")
 
 
 def zip_inputs(iterables: tuple[Iterable[Any], ...]) -> tuple[int, Iterator[Any], int | None]:
@@ -111,6 +121,7 @@ class MapRun:
         self.read = 0
         self.inflight = 0
         self.exhausted = False
+        self.source_error: Exception | None = None  # what reading the inputs raised, raised after the results before it
         self.ready: dict[int, list[Any]] = {}  # chunk start -> its results (or _Failure)
         self.retried: dict[int, int] = {}  # input index -> re-runs after its user code raised
         self.checkpoint = Checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
@@ -137,6 +148,8 @@ class MapRun:
                     for start in list(self.ready):
                         yield from self._unwrap(self.ready.pop(start))
                 if self.exhausted and self.inflight == 0 and not self.ready:
+                    if self.source_error is not None:
+                        raise self.source_error
                     return
                 if self.inflight == 0:
                     continue
@@ -160,7 +173,7 @@ class MapRun:
         # however long it takes.
         while not self.exhausted and self.inflight < self.window and self.inflight + len(self.ready) < self.read_ahead:
             remaining = None if self.total is None else self.total - self.read
-            batch = list(islice(self.items, self.chunks.next_size(remaining)))
+            batch = self._read(self.chunks.next_size(remaining))
             if not batch:
                 self.exhausted = True
                 return
@@ -170,6 +183,21 @@ class MapRun:
                 self._send(batch, start)
             else:
                 self._send_unsaved(batch, start)
+
+    def _read(self, n: int) -> list[Any]:
+        """The next ``n`` inputs, or fewer at their end.
+
+        When reading raises (a generator that fails part-way), the inputs read
+        before are still sent, and the error is kept to be raised once their
+        results have come out, as the built-in ``map`` would have done.
+        """
+        batch: list[Any] = []
+        try:
+            batch.extend(islice(self.items, n))
+        except Exception as exc:
+            self.source_error = exc
+            self.exhausted = True
+        return batch
 
     def _send_unsaved(self, batch: list[Any], start: int) -> None:
         """Takes saved results from the checkpoint and sends only the runs of inputs without one."""
@@ -221,7 +249,7 @@ class MapRun:
         results: list[Any] = outcome.results
         retry = []
         for i, err in outcome.errors.items():
-            exc = _localize(err.to_exception(), task.start + i, replica)
+            exc = _localize(err.to_exception(task.start + i, replica), task.start + i, replica)
             if self._should_retry(task.start + i, exc):
                 retry.append(i)
             results[i] = _Failure(exc)

@@ -1,10 +1,17 @@
 """Units of work and where their outcomes go.
 
 A :class:`Task` is one chunk of consecutive inputs of one map (or one
-``submit``), already serialized. Its :class:`Sink` receives exactly one final
-event per task: :meth:`Sink.done` with the chunk's outcome, or
-:meth:`Sink.failed` with an error that stands for every input of the chunk.
-Retries after a replica dies happen before that, inside the pool.
+``submit``), already serialized. Its :class:`Sink` hears of each task once,
+when it ends, in one of three ways:
+
+- :meth:`Sink.done`, with the chunk's outcome;
+- :meth:`Sink.failed`, with an error that stands for every input of the chunk;
+- :meth:`Sink.split`: the pool replaced it by one task per input (a replica
+  died or timed out under it, so each input gets a try of its own), and each
+  of those is then heard of once, by ``done`` or ``failed``.
+
+A task re-queued whole after its replica died is not heard of until then:
+retries happen inside the pool.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ class FutureSink(Sink):
 
     def done(self, task: Task, outcome: ser.Outcome, replica: str, seconds: float) -> None:
         if outcome.errors:
-            self.future.set_exception(outcome.errors[0].to_exception())
+            self.future.set_exception(outcome.errors[0].to_exception(None, replica))
         else:
             self.future.set_result(outcome.results[0])
 

@@ -15,7 +15,8 @@ pickled outcome with a 200, so the transport can tell the two apart.
 Why not FastAPI: five fixed routes need no validation, schema or dependency
 injection, and on this path they cost. Importing FastAPI takes about 0.3 s of a
 replica's start-up, and its routing and request objects about 60 µs of server
-CPU a call (BASELINES.md: 164 µs a request against 81 µs for a bare ASGI app).
+CPU a call (measured on this project's 2-core machines: 164 µs of server CPU a
+request against 81 µs for a bare ASGI app; see docs/benchmarks.md for the runs).
 
 Where a call runs: user code normally runs in a worker thread, so a slow or
 blocking call never stalls the event loop (other connections, ``/health``). A

@@ -149,7 +149,9 @@ def main() -> None:
     def shutdown() -> None:
         server.should_exit = True
         # If a user call is stuck, graceful shutdown never completes: leave anyway.
-        threading.Timer(EXIT_GRACE_SECONDS, leave).start()
+        timer = threading.Timer(EXIT_GRACE_SECONDS, leave)
+        timer.name = "runmap-exit-grace"
+        timer.start()
 
     watch_parent(shutdown)
     sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}) + "\n")

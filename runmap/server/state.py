@@ -119,10 +119,7 @@ class ServletState:
                 side="argument",
                 replica=self.name,
             ) from exc
-        start = time.perf_counter()
-        outcome = run_chunk(fn, mode, items, kwargs)
-        outcome.duration = time.perf_counter() - start
-        return ser.dump_outcome(outcome)
+        return ser.dump_outcome(run_chunk(fn, mode, items, kwargs))
 
 
 def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], kwargs: dict[str, Any] | None) -> ser.Outcome:

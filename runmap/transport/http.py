@@ -1,9 +1,10 @@
 """The HTTP channel: one kept-alive connection to a servlet, spoken over a plain socket.
 
 Why not a client library: on this path the client is the largest cost of a
-small call (BASELINES.md: 415 µs of client CPU a request for httpx, 116 µs for
-``http.client``, against 97 µs for a whole round trip of pickles over a raw
-socket). A servlet answers in one shape only (HTTP/1.1, a ``Content-Length``,
+small call (measured on this project's 2-core machines: 415 µs of client CPU a
+request for httpx, 116 µs for ``http.client``, against 97 µs for a whole round
+trip of pickles over a raw socket; docs/benchmarks.md has runmap's own runs).
+A servlet answers in one shape only (HTTP/1.1, a ``Content-Length``,
 keep-alive), so the channel writes requests and reads responses itself: one
 ``sendall`` for a small request, two for a large one (the body is never
 copied into the head), and a large response is received straight into one

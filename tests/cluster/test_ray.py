@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,10 +23,12 @@ from typing import Any
 
 import psutil
 import pytest
+from needs import need
 
 import runmap as rm
+from runmap import registry
 
-ray = pytest.importorskip("ray")
+ray = need("ray")
 from ray.cluster_utils import Cluster as RayTestCluster  # noqa: E402
 
 from runmap.cluster.ray import RayActorProcess, RayCluster  # noqa: E402
@@ -118,7 +121,12 @@ def test_import_runmap_does_not_import_ray() -> None:
     )
 
 
-def test_local_ray_runs_a_servlet_in_an_actor_and_shuts_down() -> None:
+def shout(what: str) -> str:
+    print(f"shouted {what}", flush=True)
+    return "ok"
+
+
+def test_local_ray_runs_a_servlet_in_an_actor_and_shuts_down(capsys: pytest.CaptureFixture[str]) -> None:
     assert not ray.is_initialized(), "this test starts its own Ray: it must run before the shared cluster"
     before = _children()
     cluster = rm.cluster("ray", num_cpus=1, init_options={"include_dashboard": False})
@@ -129,6 +137,21 @@ def test_local_ray_runs_a_servlet_in_an_actor_and_shuts_down() -> None:
         assert isinstance(servlet.process, RayActorProcess) and servlet.is_alive()
         x, replica, node = double(21)
         assert (x, replica, node) == (21, "solo", servlet.process.node_id)
+        # What an actor prints reaches this client's stdout, prefixed, unless its cluster is quiet.
+        loud = rm.function(shout).to(cluster, env=rm.env(name="loud", compute={"CPU": 0}))
+        with RayCluster(name="quiet", stream_logs=False) as quiet:
+            hushed = rm.function(shout).to(quiet, env=rm.env(name="hush", compute={"CPU": 0}))
+            assert loud("from loud") == hushed("from hush") == "ok"
+            seen = ""
+            deadline = time.monotonic() + 10
+            while "(loud) shouted from loud" not in seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+                seen += capsys.readouterr().out
+            assert "(loud) shouted from loud" in seen
+            assert "from hush" not in seen + capsys.readouterr().out
+        # `runmap status` lists the actor with its pid on this machine, which `runmap down` signals.
+        [entry] = [e for e in registry.load() if e.name == cluster.name]
+        assert {(s.name, s.local_pid) for s in entry.servlets} >= {("solo", servlet.pid)}
         # The token travels in the actor's constructor arguments, never on a command line.
         for pid in _children() - before:
             try:
@@ -257,7 +280,7 @@ def test_a_killed_actor_is_a_dead_replica(on_ray: RayCluster) -> None:
     # Calls to a replica on another node notice that node vanishing: TCP keepalive is on.
     channel = servlet.open_channel()
     channel.info()
-    sock = getattr(channel, "_sock", None) or channel._conn.sock  # type: ignore[attr-defined]
+    sock = channel._sock  # type: ignore[attr-defined]
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
     channel.close()
     ray.kill(servlet.process.actor)
@@ -269,14 +292,25 @@ def test_a_killed_actor_is_a_dead_replica(on_ray: RayCluster) -> None:
 
 
 @pytest.mark.allow_leaks
-def test_compute_that_fits_nowhere_is_an_allocation_error(nodes: RayTestCluster) -> None:
-    with rm.cluster("ray", address=nodes.address, name="tight", allocation_timeout=2.0) as cluster:
-        for compute in ({"CPU": 3}, {"accelerator_x": 1}):
+def test_compute_that_fits_nowhere_is_an_allocation_error_at_once(nodes: RayTestCluster) -> None:
+    # No autoscaler can add a node here: the answer does not wait for allocation_timeout.
+    with rm.cluster("ray", address=nodes.address, name="tight", allocation_timeout=120.0) as cluster:
+        for compute in ({"CPU": 3}, {"accelerator_x": 1}, {"memory": 2**50}):
             started = time.monotonic()
-            with pytest.raises(rm.AllocationError, match="no node"):
+            with pytest.raises(rm.AllocationError, match="no node.*no autoscaler") as info:
                 rm.function(where).to(cluster, env=rm.env(name="huge", compute=compute))
-            assert time.monotonic() - started < 2.0 + MAX_WAIT
+            assert time.monotonic() - started < MAX_WAIT
+            assert re.search(r"memory=\d+\.\d GB", str(info.value)) and "e+" not in str(info.value), info.value
         assert _runmap_actors("tight") == []
+
+
+def test_resources_are_described_with_memory_in_gb() -> None:
+    from runmap.cluster.ray.cluster import _describe_resources
+
+    node = {"CPU": 2.0, "memory": 17375300000.0, "object_store_memory": 7e9, "node:10.0.0.1": 1.0, "slot": 1.0}
+    assert _describe_resources(node) == "CPU=2, memory=17.4 GB, slot=1"
+    assert _describe_resources({"memory": 80 * 1024 * 1024}) == "memory=84 MB"
+    assert _describe_resources({}) == "nothing"
 
 
 @pytest.mark.allow_leaks
@@ -347,6 +381,6 @@ def test_removing_a_node_mid_map_loses_no_input(nodes: RayTestCluster, on_ray: R
         assert _wait_until(lambda: "node" in lost[0].exit_reason(), timeout=30), lost[0].exit_reason()
         # The replacement goes where CPUs are left: 2 + 1 on the surviving nodes.
         ok = _wait_until(lambda: mapper.num_replicas == 3, timeout=30)
-        assert ok, mapper._pool.describe()  # what became of each replica, if not
+        assert ok, {r.name: r.reason for r in mapper._pool.replicas}  # what became of each replica, if not
         assert victim.node_id not in {r.servlet.process.node_id for r in mapper.replicas}  # type: ignore[attr-defined]
     on_ray.stop_servlet(target.servlet)

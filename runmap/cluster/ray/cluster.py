@@ -173,8 +173,9 @@ class RayCluster(Cluster):
                 raise
             log_path = Path(log)
             process = RayActorProcess(env.name, actor, host, port, pid, node_id, log_path)
-            if log_path.exists():  # a node of this machine: its log can be followed from here
+            if log_path.exists():  # a node of this machine: its log can be followed, its pid signalled
                 process.log_offset = log_path.stat().st_size
+                process.local_pid = pid
             else:
                 process.log = None
             return Servlet(env, self, Endpoint(env.name, (host, port), self.token, keepalive=True), process)
@@ -211,6 +212,15 @@ class RayCluster(Cluster):
         ref = actor.address.remote()
         installs = bool(set(self.runtime_env_for(env)) & _INSTALLING_KEYS)
         started = time.monotonic()
+        if not self._may_add_nodes():
+            # No node will ever join to hold it: waiting allocation_timeout would only delay the answer.
+            nodes = _alive_nodes()
+            if not any(_fits(env.compute, node["Resources"]) for node in nodes):
+                raise AllocationError(
+                    f"no node of Ray cluster {self.name!r} can hold a replica of {env.name!r} with compute "
+                    f"{_describe_resources(env.compute)}, and it has no autoscaler to add one; nodes have: "
+                    + "; ".join(_describe_resources(n["Resources"]) for n in nodes)
+                )
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
             if ready:
@@ -228,7 +238,7 @@ class RayCluster(Cluster):
                 if not any(_fits(env.compute, node["Resources"]) for node in nodes):
                     raise AllocationError(
                         f"no node of Ray cluster {self.name!r} can hold a replica of {env.name!r} with "
-                        f"compute {dict(env.compute)} (waited {waited:.0f} s); nodes have: "
+                        f"compute {_describe_resources(env.compute)} (waited {waited:.0f} s); nodes have: "
                         + "; ".join(_describe_resources(n["Resources"]) for n in nodes)
                     )
                 # With nothing to install, a replica still pending this long waits for
@@ -238,17 +248,21 @@ class RayCluster(Cluster):
                 if not installs and not _fits(env.compute, free):
                     raise AllocationError(
                         f"every node of Ray cluster {self.name!r} that could hold a replica of {env.name!r} "
-                        f"with compute {dict(env.compute)} stayed busy for {waited:.0f} s; free now: "
+                        f"with compute {_describe_resources(env.compute)} stayed busy for {waited:.0f} s; free now: "
                         f"{_describe_resources(free)}"
                     )
             if waited > self.start_timeout:
                 free = ray.available_resources()
                 if not _fits(env.compute, free):
                     raise AllocationError(
-                        f"replica {env.name!r} with compute {dict(env.compute)} found no free resources in "
-                        f"{waited:.0f} s; free now: {_describe_resources(free)}"
+                        f"replica {env.name!r} with compute {_describe_resources(env.compute)} found no free "
+                        f"resources in {waited:.0f} s; free now: {_describe_resources(free)}"
                     )
                 raise ClusterError(f"replica {env.name!r} did not start within {self.start_timeout:g} s")
+
+    def _may_add_nodes(self) -> bool:
+        """Whether an autoscaler may add nodes to the Ray cluster (True when that is unknown)."""
+        return not self.started_ray and _has_autoscaler()  # asked each time: the status may come late
 
     def _forget_actor(self, actor: Any) -> None:
         kill_actor(actor)
@@ -356,6 +370,37 @@ def _fits(compute: Mapping[str, float], resources: Mapping[str, float]) -> bool:
     return all(amount <= resources.get(key, 0) for key, amount in compute.items() if amount > 0)
 
 
+def _has_autoscaler() -> bool:
+    """Whether the Ray cluster has an autoscaler that may add nodes; True when that is unknown.
+
+    A Ray head started without an autoscaling config (``ray start --head``, a
+    test cluster) still runs Ray's monitor, with its "readonly" node provider:
+    the node types it reports are then ``node_<node id>``. That status is what
+    ``ray status`` reads; Ray has no public API for it. Autoscaler v2 (KubeRay)
+    does not publish it, and is taken to autoscale.
+    """
+    import json
+
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        mapping = json.loads(status)["autoscaler_report"]["node_type_mapping"] if status else None
+    except Exception:
+        return True
+    if not isinstance(mapping, dict) or not mapping:
+        return True
+    return any(kind != f"node_{key}" for key, kind in mapping.items())
+
+
 def _describe_resources(resources: Mapping[str, float]) -> str:
+    """``CPU=2, GPU=1, memory=17.4 GB``: Ray's resources, bytes shown in GB."""
     shown = {k: v for k, v in resources.items() if not k.startswith("node:") and k != "object_store_memory"}
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "nothing"
+    return ", ".join(f"{k}={_amount(k, v)}" for k, v in sorted(shown.items())) or "nothing"
+
+
+def _amount(key: str, value: float) -> str:
+    if key != "memory":
+        return f"{value:g}"
+    return f"{value / 1e9:.1f} GB" if value >= 1e8 else f"{value / 1e6:.0f} MB"

@@ -270,7 +270,11 @@ def classify_exit(returncode: int, stderr_tail: str | bytes, master_alive: bool)
             return ExitStatus(ExitKind.HOST_LOST, cause=said or "the SSH connection to the host ended")
         return ExitStatus(
             ExitKind.SIGNALED,
-            cause="the remote command was killed by a signal (ssh exited with 255 and reports no signal)"
+            # The wrapper reports a remote command's signal death itself (128 + N), so a bare
+            # 255 is the session ending around it: its local ssh was signalled (`runmap down`
+            # sends SIGTERM, which ssh turns into 255) or its shell on the host was killed.
+            cause="its SSH session ended before the servlet's exit was reported (ssh exited with 255): "
+            "the session was ended on this machine (`runmap down`, a signal) or its shell on the host was killed"
             + (f"; ssh said: {said}" if said else ""),
         )
     return ExitStatus(ExitKind.EXITED, code=returncode)
