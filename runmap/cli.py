@@ -124,6 +124,7 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
         return 1 if name else 0
     signalled: list[registry.ServletEntry] = []
     for e in entries:
+        registry.mark_down(e)  # its client closes the cluster as its servlets end, instead of replacing them
         for s in e.servlets:
             if s.local_pid is None:
                 print(f"{e.name}/{s.name}: a {e.kind} servlet on another machine; close its cluster from its client")
@@ -138,10 +139,23 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
         if s.alive and s.is_servlet_process():
             _signal(s.local_pid, signal.SIGKILL)  # type: ignore[arg-type]
     for e in entries:
-        e.path.unlink(missing_ok=True)
+        if not e.client_alive:  # else its client removes the entry as it closes the cluster
+            e.path.unlink(missing_ok=True)
+            registry.down_marker(e.path).unlink(missing_ok=True)
         ended = [s.name for s in signalled if s.cluster is e]
         print(f"{e.name}: ended {len(ended)} servlet(s){': ' + ', '.join(ended) if ended else ''}")
+    if name is None:
+        print(f"(--all: the clusters of user {_user_name()} on this machine; other users' are not yours to end)")
     return 0
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    except (ImportError, KeyError):
+        return f"uid {os.getuid()}"
 
 
 def _signal(pid: int, sig: signal.Signals) -> bool:

@@ -108,6 +108,27 @@ def _forget(cluster: Cluster) -> None:
     record = _records.pop(cluster, None)
     if record is not None:
         record.path.unlink(missing_ok=True)
+        down_marker(record.path).unlink(missing_ok=True)
+
+
+def down_marker(path: Path) -> Path:
+    """The file ``runmap down`` leaves beside a cluster's entry: its client is to close it."""
+    return path.with_suffix(".down")
+
+
+def shut_down_from_cli(cluster: Cluster) -> bool:
+    """Whether ``runmap down`` asked for ``cluster`` to be closed (checked when one of its servlets dies)."""
+    with _lock:
+        record = _records.get(cluster)
+    return record is not None and down_marker(record.path).exists()
+
+
+def mark_down(entry: ClusterEntry) -> None:
+    """Tells the client of ``entry`` that ``runmap down`` ended its cluster (before its servlets are signalled)."""
+    try:
+        os.close(open_private(down_marker(entry.path), os.O_WRONLY | os.O_CREAT))
+    except OSError:
+        pass  # the client is gone with its directory: nobody to tell
 
 
 def _write(path: Path, entry: dict[str, Any]) -> None:
@@ -193,6 +214,7 @@ def load(clean: bool = True) -> list[ClusterEntry]:
         if not entry.client_alive and not entry.servlets:
             if clean:
                 path.unlink(missing_ok=True)
+                down_marker(path).unlink(missing_ok=True)
             continue
         entries.append(entry)
     return sorted(entries, key=lambda e: e.started)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +120,54 @@ def test_down_all_ends_the_servlets_and_removes_the_entry(tmp_path: Path, client
     assert out.returncode == 0, out.stderr
     assert "clitest: ended 2 servlet(s)" in out.stdout
     assert all(gone(pid) for pid in pids)
-    assert client.poll() is None  # the client itself is left alone
-    assert runmap_cmd(tmp_path, "status").stdout.strip() == "no runmap clusters are running"
+    assert client.poll() is None  # the client itself is left alone, and closes the cluster
+    assert "--all: the clusters of user" in out.stdout
+    deadline = time.monotonic() + 10
+    while runmap_cmd(tmp_path, "status").stdout.strip() != "no runmap clusters are running":
+        assert time.monotonic() < deadline, runmap_cmd(tmp_path, "status").stdout
+        time.sleep(0.1)
+
+
+MAPPING_CLIENT = textwrap.dedent(
+    """
+    import itertools, time
+    import runmap as rm
+
+    def slow(x):
+        time.sleep(0.01)
+        return x
+
+    with rm.mapper(slow, num_replicas=2) as m:
+        try:
+            for i, _ in enumerate(m.imap(itertools.count(), chunksize=1, progress=False)):
+                if i == 20:
+                    print("mapping", flush=True)
+        except Exception as exc:
+            print(type(exc).__name__, exc, flush=True)
+    """
+)
+
+
+def test_down_fails_the_maps_of_the_clusters_it_ends(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAPPING_CLIENT],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "RUNMAP_HOME": str(tmp_path)},
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "mapping"
+        assert runmap_cmd(tmp_path, "down", "--all").returncode == 0
+        said = proc.stdout.readline()
+        assert said.startswith("ReplicaDiedError"), said
+        assert "shut down from the command line (runmap down)" in said
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def test_down_by_name_leaves_other_names_alone(tmp_path: Path, client: subprocess.Popen[str]) -> None:

@@ -59,6 +59,7 @@ class Cluster(ABC):
         self._replica_counters: dict[str, int] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self.closed_reason: str | None = None  # why it was closed, when not by its own client
         _open_clusters.add(self)
 
     # ------------------------------------------------------------ launching
@@ -96,6 +97,7 @@ class Cluster(ABC):
                 servlet.stop()
                 self._check_open()
             self._servlets[env.name] = servlet
+        servlet.on_exit(self._servlet_exited)
         if self.stream_logs and servlet.process.log is not None:
             logs.follow(servlet, servlet.process.log, servlet.process.log_offset)
         registry.update(self)
@@ -127,6 +129,15 @@ class Cluster(ABC):
         servlet.stop()
         logs.unfollow(servlet)
         self.forget(servlet)
+
+    def _servlet_exited(self, servlet: Servlet) -> None:
+        """One of its servlets ended (from the watcher's thread)."""
+        if not self._closed and registry.shut_down_from_cli(self):
+            # `runmap down` ended its servlets: the cluster ends with them, they are not replaced.
+            self.closed_reason = "shut down from the command line (runmap down)"
+            self.close()
+        else:
+            registry.update(self)
 
     def forget(self, servlet: Servlet) -> None:
         """Drops a servlet that died from this cluster's books, leaving what remains of it alone.
@@ -167,7 +178,8 @@ class Cluster(ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClusterError(f"cluster {self.name!r} is closed")
+            why = f": {self.closed_reason}" if self.closed_reason else ""
+            raise ClusterError(f"cluster {self.name!r} is closed{why}")
 
     def __enter__(self) -> Cluster:
         return self

@@ -298,8 +298,10 @@ class ReplicaPool:
         described = {r.name: r.reason for r in self.replicas}
         queued = self.tasks.drain()
         inputs = sorted(i for t in queued for i in t.indexes)
+        closed = {r.remote.servlet.cluster.closed_reason for r in self.replicas} - {None}
+        why = f"its cluster was {', '.join(sorted(closed))}, so " if closed else ""  # type: ignore[arg-type]
         self._broken = ReplicaDiedError(
-            "no replica is left: " + "; ".join(f"{n}: {r}" for n, r in described.items()),
+            f"{why}no replica is left: " + "; ".join(f"{n}: {r}" for n, r in described.items()),
             replicas=described,
             inputs=inputs,
         )
