@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from runmap import registry
+from runmap.cluster.process import STOP_GRACE  # seconds between SIGTERM and SIGKILL, as every cluster waits
 from runmap.paths import runtime_dir
 
-STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL, as LocalCluster waits
 FOLLOW_POLL = 0.2
 
 
