@@ -38,21 +38,28 @@ def private_dir(path: Path, *, what: str = "runmap's directory", hint: str = "")
         st = os.lstat(path)
     except OSError as exc:
         raise UnsafePathError(f"{what} {path} cannot be used: {exc}") from None
-    problem = ""
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symlink"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "is not a directory"
-    elif st.st_uid != os.getuid():
-        problem = f"is owned by uid {st.st_uid} ({_user(st.st_uid)}), not by you (uid {os.getuid()})"
-    elif st.st_mode & 0o022:
-        problem = f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    problem = unsafe(st, directory=True)
     if problem:
         raise UnsafePathError(
             f"refusing {what} {path}: it {problem}, so another user could plant files in it. "
             + (hint or f"Remove it, or point runmap elsewhere with RUNMAP_HOME={path.parent}/<a directory of yours>.")
         )
     return path
+
+
+def unsafe(st: os.stat_result, directory: bool = False) -> str:
+    """What makes a path with this ``lstat`` unsafe to trust (``"is a symlink"``, ...), or ``""``."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if directory and not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if not directory and not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid} ({user_name(st.st_uid)}), not by you (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
@@ -101,10 +108,10 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def _user(uid: int) -> str:
+def user_name(uid: int) -> str:
     try:
         import pwd
 
         return pwd.getpwuid(uid).pw_name
     except (ImportError, KeyError):
-        return "unknown user"
+        return "no such user"

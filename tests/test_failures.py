@@ -70,14 +70,19 @@ CRASHES = [
 @pytest.mark.parametrize("case,options,error,pattern", CRASHES, ids=[c[0] for c in CRASHES])
 def test_crash_table(case: str, options: dict, error: type, pattern: str) -> None:
     with rm.mapper(crash_at, num_replicas=3, **options) as mapper:
-        results = mapper.map(range(N), kwargs={"case": case}, return_exceptions=True, progress=False)
-        assert isinstance(results[POISON], error), results[POISON]
-        assert re.search(pattern, str(results[POISON])), str(results[POISON])
-        assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
-        # Raised, not returned, without return_exceptions; and the Mapper still works after.
-        with pytest.raises(error):
-            mapper.map(range(N), kwargs={"case": case}, progress=False)
-        assert mapper.map(range(10), kwargs={"case": "none"}, progress=False) == EXPECTED[:10]
+        check_crash(mapper, case, error, pattern)
+
+
+def check_crash(mapper: rm.Mapper, case: str, error: type, pattern: str) -> None:
+    """One row of the crash table, on ``mapper``'s replicas (of any cluster kind)."""
+    results = mapper.map(range(N), kwargs={"case": case}, return_exceptions=True, progress=False)
+    assert isinstance(results[POISON], error), results[POISON]
+    assert re.search(pattern, str(results[POISON])), str(results[POISON])
+    assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
+    # Raised, not returned, without return_exceptions; and the Mapper still works after.
+    with pytest.raises(error):
+        mapper.map(range(N), kwargs={"case": case}, progress=False)
+    assert mapper.map(range(10), kwargs={"case": "none"}, progress=False) == EXPECTED[:10]
 
 
 @pytest.mark.parametrize("case", ["exit", "segv", "sigkill"])

@@ -29,6 +29,7 @@ from typing import Any
 
 from runmap import serialization as ser
 from runmap.exceptions import ConfigError
+from runmap.paths import unsafe
 
 _MISSING = object()
 
@@ -169,13 +170,9 @@ def _check_companion(path: str) -> None:
 
 def _check_owned(path: str, st: os.stat_result) -> None:
     """Refuses what another user could have written: its rows would run as code here."""
-    problem, hint = "", _START_OVER
-    if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_uid != os.getuid():
-        problem = f"is owned by uid {st.st_uid} ({_user(st.st_uid)}), not by you (uid {os.getuid()})"
-    elif st.st_mode & 0o022:
-        problem = f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    problem = unsafe(st)
+    hint = _START_OVER
+    if problem.startswith("is writable by others"):
         hint = f"If only you could have written it, `chmod 600 {path}`; else: {_START_OVER}"
     if problem:
         raise ConfigError(
@@ -185,12 +182,3 @@ def _check_owned(path: str, st: os.stat_result) -> None:
 
 
 _START_OVER = "Delete it to start over, or pass another path as checkpoint=."
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return "no such user"

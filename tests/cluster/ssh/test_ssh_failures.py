@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import pytest
 from sshd_hosts import SshHosts
-from test_failures import CRASHES, EXPECTED, POISON, N, crash_at
+from test_failures import CRASHES, check_crash, crash_at
 
 import runmap as rm
 from runmap.cluster.ssh import SSHCluster
@@ -24,10 +23,4 @@ def hosts(ssh_hosts: SshHosts) -> Iterator[SSHCluster]:
 def test_crash_table_on_ssh_hosts(hosts: SSHCluster, case: str, options: dict, error: type, pattern: str) -> None:
     env = rm.env(name=f"crash-{case}", compute={"CPU": 0.5})
     with rm.mapper(crash_at, cluster=hosts, env=env, num_replicas=3, **options) as mapper:
-        results = mapper.map(range(N), kwargs={"case": case}, return_exceptions=True, progress=False)
-        assert isinstance(results[POISON], error), results[POISON]
-        assert re.search(pattern, str(results[POISON])), str(results[POISON])
-        assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
-        with pytest.raises(error):
-            mapper.map(range(N), kwargs={"case": case}, progress=False)
-        assert mapper.map(range(10), kwargs={"case": "none"}, progress=False) == EXPECTED[:10]
+        check_crash(mapper, case, error, pattern)
