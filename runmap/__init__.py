@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 from runmap.cluster import Cluster, LocalCluster, cluster
-from runmap.envs import Env, env
+from runmap.envs import Env, GitRepo, env
 from runmap.exceptions import (
     AllocationError,
     AuthError,
@@ -38,6 +38,7 @@ from runmap.module import (
     function,
     module,
 )
+from runmap.pool import Pool
 
 __version__ = "0.1.0"
 
@@ -50,9 +51,11 @@ __all__ = [
     "Env",
     "Executor",
     "Function",
+    "GitRepo",
     "LocalCluster",
     "Mapper",
     "Module",
+    "Pool",
     "ProtocolError",
     "Remote",
     "RemoteClass",

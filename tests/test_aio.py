@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -127,3 +128,16 @@ def test_cancelling_the_task_stops_the_map_and_its_thread() -> None:
         started = time.monotonic()
         assert m.map([0.0, 0.0], progress=False) == [0.0, 0.0]
         assert time.monotonic() - started < 2.0
+
+
+def test_aimap_unordered_yields_as_completed(mapper: rm.Mapper) -> None:
+    async def main() -> tuple[list[float], list[Any]]:
+        got = [r async for r in mapper.aimap_unordered([0.6, 0.0, 0.1], progress=False, chunksize=1)]
+        errors = [r async for r in mapper.aimap_unordered([2, 13], progress=False, return_exceptions=True)]
+        return got, errors
+
+    got, errors = asyncio.run(main())
+    assert got[-1] == pytest.approx(0.36) and sorted(got) == pytest.approx([0.0, 0.01, 0.36])
+    assert sorted(e for e in errors if not isinstance(e, BaseException)) == [4]
+    assert [type(e) for e in errors if isinstance(e, BaseException)] == [Unlucky]
+    assert _aio_threads() == []

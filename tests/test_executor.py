@@ -153,3 +153,47 @@ def test_terminate_workers_ends_everything_now() -> None:
     with pytest.raises(RuntimeError):
         executor.submit(slow_identity, 0)
     executor.shutdown()
+
+
+class Payload:
+    """An argument a weakref can watch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def payload_size(p: Payload) -> Payload:
+    return Payload(p.n * 2)
+
+
+def test_a_finished_future_keeps_nothing_of_its_call(ex: rm.Executor) -> None:
+    import gc
+    import weakref
+
+    obj = Payload(21)
+    watched = weakref.ref(obj)
+    f = ex.submit(payload_size, obj)
+    result = f.result(timeout=30)
+    assert result.n == 42
+    result_ref = weakref.ref(result)
+    del obj
+    gc.collect()
+    assert watched() is None, "the executor kept the call's argument"
+    del f, result
+    deadline = time.monotonic() + 2  # the replica's slot thread lets go of the outcome just after it delivered it
+    while result_ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert result_ref() is None, "the executor kept the call's result"
+
+
+def test_shutdown_without_wait_returns_at_once_while_a_call_runs() -> None:
+    executor = rm.Executor(num_replicas=1)
+    future = executor.submit(slow_identity, 1.0)
+    time.sleep(0.3)  # the call is running
+    assert future.running()
+    started = time.monotonic()
+    executor.shutdown(wait=False)
+    took = time.monotonic() - started
+    assert took < 0.5, f"shutdown(wait=False) took {took:.2f} s"
+    assert future.result(timeout=30) == 1.0

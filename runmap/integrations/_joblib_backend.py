@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -20,7 +21,13 @@ from runmap.executor import Executor
 
 
 class RunmapBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
-    """Runs joblib's batches of calls on an :class:`runmap.Executor`, one per Parallel call.
+    """Runs joblib's batches of calls on an :class:`runmap.Executor`.
+
+    The backend that a ``parallel_config(backend="runmap")`` block made serves
+    every ``Parallel`` call in it: its replicas stay warm from one call to the
+    next and end when the block's backend is let go of (at the block's end, or
+    at the next garbage collection), or at exit. A backend made for one
+    ``Parallel(backend="runmap")`` call ends its replicas with the call.
 
     Args:
         cluster: where the replicas run (default: the embedded local cluster).
@@ -45,6 +52,7 @@ class RunmapBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mis
         self.cluster = cluster
         self.env = env
         self._executor: Executor | None = None
+        self._finalizer: weakref.finalize | None = None
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -63,11 +71,19 @@ class RunmapBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mis
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
         if self._executor is not None and self._executor.num_replicas != n_jobs:
-            self.terminate()
+            self._close_executor()
         if self._executor is None:
             env = self.env or Env(name="joblib", env_vars=self._prepare_worker_env(n_jobs))
             self._executor = Executor(num_replicas=n_jobs, cluster=self.cluster, env=env)
+            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True, cancel_futures=True)
         return n_jobs
+
+    def _configured_by_a_block(self) -> bool:
+        """Whether this backend is the one a ``parallel_config`` block in effect made (so more calls may come)."""
+        from joblib.parallel import _backend
+
+        config = getattr(_backend, "config", None)
+        return isinstance(config, dict) and config.get("backend") is self
 
     def submit(self, func: Callable[[], Any], callback: Callable[[Future[Any]], Any] | None = None) -> Future[Any]:
         assert self._executor is not None, "configure() starts the executor"
@@ -80,15 +96,28 @@ class RunmapBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mis
         return future.result()
 
     def terminate(self) -> None:
+        """The end of a Parallel call: the replicas stay warm while its ``parallel_config`` block lasts."""
+        self.parallel = None  # no cycle through the Parallel call, so the block's end frees this backend
+        if self._executor is not None and not self._configured_by_a_block():
+            self._close_executor()
+        self.reset_batch_stats()
+
+    def _close_executor(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         """A batch failed: drop the calls not yet run and end the replicas now."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._executor is not None:
             self._executor.terminate_workers()
+            self._executor.shutdown()
             self._executor = None
-        if ensure_ready:
+        if ensure_ready and self.parallel is not None:
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel)

@@ -1,4 +1,4 @@
-"""Maps for asyncio code: ``await mapper.amap(xs)`` and ``async for r in mapper.aimap(xs)``.
+"""Maps for asyncio code: ``await mapper.amap(xs)``, ``async for r in mapper.aimap(xs)`` (or ``aimap_unordered``).
 
     event loop (the caller's)                        worker thread "runmap-aio-<n>"
     ─────────────────────────                        ──────────────────────────────
@@ -49,6 +49,11 @@ def aimap(mapper: Mapper, *iterables: Any, **options: Any) -> AsyncIterator[Any]
     Bad options raise here, at once; the map starts at the first iteration.
     """
     return _results(mapper._start(*zip_inputs(iterables), options, ordered=True))
+
+
+def aimap_unordered(mapper: Mapper, *iterables: Any, **options: Any) -> AsyncIterator[Any]:
+    """``async for`` form of :meth:`Mapper.imap_unordered`: results as they complete, in any order."""
+    return _results(mapper._start(*zip_inputs(iterables), options, ordered=False))
 
 
 async def _results(run: MapRun) -> AsyncIterator[Any]:

@@ -99,6 +99,7 @@ class Mapper:
         self._lock = threading.Lock()
         self._helpers: list[threading.Thread] = []
         self._early: list[Future[Any]] = []  # replicas' servlets started alongside the target's own
+        self.replaced = 0  # dead replicas a replacement was started for, for the progress bar
 
         plain_total = num_replicas or os.cpu_count() or 1  # the total if target is a plain callable
         extra = plain_total - 1 - len(supplied)
@@ -187,6 +188,7 @@ class Mapper:
         if not self.replace_dead or self._closed or replica.remote.servlet.cluster.closed:
             return False
         self._pool.expect_replacements(1)
+        self.replaced += 1
 
         def replace() -> None:
             try:
@@ -251,6 +253,12 @@ class Mapper:
         from runmap.mapper import aio
 
         return aio.aimap(self, *iterables, **options)
+
+    def aimap_unordered(self, *iterables: Iterable[Any], **options: Any) -> AsyncIterator[Any]:
+        """``async for`` form of :meth:`imap_unordered`: results as they complete; cancelling stops the map."""
+        from runmap.mapper import aio
+
+        return aio.aimap_unordered(self, *iterables, **options)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """One call on the next free replica."""

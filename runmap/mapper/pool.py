@@ -155,6 +155,7 @@ class ReplicaPool:
         module, method = replica.remote.module_name, self.method
         try:
             while True:
+                task = None  # a finished task's inputs must not live on while this slot waits
                 task = self.tasks.get(lambda: replica.retired)
                 if task is None:
                     return
@@ -190,6 +191,7 @@ class ReplicaPool:
                     )
                     continue
                 task.sink.done(task, outcome, replica.name, time.perf_counter() - started)
+                del data, outcome  # nor its results
         finally:
             channel.close()
 
@@ -219,6 +221,7 @@ class ReplicaPool:
             message = _lost_message(task, fates)
             task.sink.failed(task, ReplicaDiedError(message, replica.name, replicas=fates, inputs=list(task.indexes)))
         else:
+            task.sink.requeued(task)
             self.submit(task, front=True)
 
     def _timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:

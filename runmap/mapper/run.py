@@ -28,7 +28,7 @@ from runmap.exceptions import ConfigError, SerializationError
 from runmap.mapper.batching import chunker
 from runmap.mapper.checkpoint import MISSING, Checkpoint
 from runmap.mapper.progress import Progress
-from runmap.mapper.tasks import Sink, Split, Task
+from runmap.mapper.tasks import Requeued, Sink, Split, Task
 
 if TYPE_CHECKING:
     from runmap.mapper.mapper import Mapper
@@ -127,6 +127,9 @@ class MapRun:
         self.checkpoint = Checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
         self.hashes: dict[int, str] = {}  # input index -> input hash, while in flight
         self.cancelled = False
+        self.rerun = 0  # inputs run again, for the progress bar
+        self.errors = 0  # failed inputs filed in their slots
+        self.replaced_before = mapper.replaced
 
     def cancel(self) -> None:
         """Ends the map from another thread: :meth:`results` returns at once, even mid-wait."""
@@ -159,6 +162,7 @@ class MapRun:
                     continue
                 if event is not _WAKE:
                     bar.update(self._receive(*event))
+                    bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
         finally:
             self.sink.cancelled = True
             self.pool.tasks.discard(self.sink)
@@ -237,13 +241,18 @@ class MapRun:
 
     def _receive(self, task: Task, outcome: Any, replica: str | None, seconds: float) -> int:
         """Files one event's results under their chunk; returns how many inputs completed."""
+        if isinstance(outcome, Requeued):
+            self.rerun += outcome.count
+            return 0
         if isinstance(outcome, Split):
+            self.rerun += task.count
             self.inflight += outcome.parts - 1
             return 0
         self.inflight -= 1
         if not isinstance(outcome, ser.Outcome):
             self._forget(task.indexes)
             self.ready[task.start] = [_Failure(outcome)] * task.count
+            self.errors += task.count
             return task.count
         self.chunks.record(task.count, seconds, len(task.payload))
         results: list[Any] = outcome.results
@@ -252,6 +261,9 @@ class MapRun:
             exc = _localize(err.to_exception(task.start + i, replica), task.start + i, replica)
             if self._should_retry(task.start + i, exc):
                 retry.append(i)
+                self.rerun += 1
+            else:
+                self.errors += 1
             results[i] = _Failure(exc)
         if self.checkpoint is not None:
             self.checkpoint.save(

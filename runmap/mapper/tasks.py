@@ -45,6 +45,18 @@ class Sink:
         self.events.put((task, Split(len(parts)), None, 0.0))
 
 
+    def requeued(self, task: Task) -> None:
+        """``task`` lost its replica and runs again, whole (it is still in flight)."""
+        self.events.put((task, Requeued(task.count), None, 0.0))
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """The event of a task queued again after its replica died: ``count`` inputs run again."""
+
+    count: int
+
+
 @dataclass(frozen=True)
 class Split:
     """The event of a task replaced by ``parts`` single-input tasks."""
@@ -60,12 +72,17 @@ class FutureSink(Sink):
         self.future = future
 
     def done(self, task: Task, outcome: ser.Outcome, replica: str, seconds: float) -> None:
+        task.items.clear()  # the call is over: its arguments must not outlive it (its pickle stays)
         if outcome.errors:
             self.future.set_exception(outcome.errors[0].to_exception(None, replica))
         else:
             self.future.set_result(outcome.results[0])
 
+    def requeued(self, task: Task) -> None:
+        pass
+
     def failed(self, task: Task, exc: BaseException) -> None:
+        task.items.clear()
         self.future.set_exception(exc)
 
 
