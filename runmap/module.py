@@ -38,7 +38,10 @@ _ids_lock = threading.Lock()
 def _module_name(obj: Any) -> str:
     with _ids_lock:
         n = next(_ids)
-    base = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
+    if isinstance(obj, str):  # "package.module:name"
+        base = obj.rpartition(":")[2]
+    else:
+        base = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
     return f"{base.replace('<', '').replace('>', '').replace('/', '_')}-{n}"
 
 
@@ -154,8 +157,8 @@ class RemoteMethod:
 class RemoteClass:
     """A class shipped to a servlet; calling it builds an instance there."""
 
-    def __init__(self, cls: type, servlet: Servlet) -> None:
-        self.cls = cls
+    def __init__(self, cls: type | str, servlet: Servlet) -> None:
+        self.cls = cls  # a class, or "package.module:ClassName" imported in the replica
         self.servlet = servlet
 
     def __call__(self, *args: Any, **kwargs: Any) -> RemoteInstance:
@@ -163,15 +166,18 @@ class RemoteClass:
         return RemoteInstance.place(self.servlet, _module_name(self.cls), spec)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"<RemoteClass {self.cls.__qualname__} on {self.servlet.name}>"
+        name = self.cls if isinstance(self.cls, str) else self.cls.__qualname__
+        return f"<RemoteClass {name} on {self.servlet.name}>"
 
 
 class Function:
     """A function not yet placed anywhere. ``.to(cluster, env)`` places it."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        if not callable(fn):
-            raise ConfigError(f"rm.function takes a callable, not {type(fn).__name__}")
+    def __init__(self, fn: Callable[..., Any] | str) -> None:
+        if isinstance(fn, str):
+            check_import_path(fn, "rm.function")
+        elif not callable(fn):
+            raise ConfigError(f"rm.function takes a callable or 'package.module:name', not {type(fn).__name__}")
         self.fn = fn
 
     def to(self, cluster: Cluster | None = None, env: Env | None = None) -> RemoteFunction:
@@ -185,9 +191,11 @@ class Function:
 class Module:
     """A class not yet placed anywhere. ``.to(cluster, env)`` gives a :class:`RemoteClass`."""
 
-    def __init__(self, cls: type) -> None:
-        if not isinstance(cls, type):
-            raise ConfigError(f"rm.module takes a class, not {type(cls).__name__}")
+    def __init__(self, cls: type | str) -> None:
+        if isinstance(cls, str):
+            check_import_path(cls, "rm.module")
+        elif not isinstance(cls, type):
+            raise ConfigError(f"rm.module takes a class or 'package.module:ClassName', not {type(cls).__name__}")
         self.cls = cls
 
     def to(self, cluster: Cluster | None = None, env: Env | None = None) -> RemoteClass:
@@ -195,8 +203,20 @@ class Module:
         return RemoteClass(self.cls, _resolve_cluster(cluster).servlet(env))
 
 
-def function(fn: Callable[..., Any]) -> Function:
+def check_import_path(spec: str, what: str) -> None:
+    """``spec`` is ``"package.module:name"`` (a dotted name after the colon is an attribute path)."""
+    mod, colon, attr = spec.partition(":")
+    if not colon or not all(p.isidentifier() for p in mod.split(".")) or not all(
+        p.isidentifier() for p in attr.split(".")
+    ):
+        raise ConfigError(f"{what} takes 'package.module:name' as a string, not {spec!r}")
+
+
+def function(fn: Callable[..., Any] | str) -> Function:
     """Wraps a function so it can be placed on a cluster.
+
+    ``fn`` may be a string, ``"package.module:name"``: the function is imported inside the
+    replica, for code only the env has (a git repository's, or an env requirement's).
 
     Example:
         >>> import runmap as rm
@@ -207,8 +227,10 @@ def function(fn: Callable[..., Any]) -> Function:
     return Function(fn)
 
 
-def module(cls: type) -> Module:
+def module(cls: type | str) -> Module:
     """Wraps a class so it can be placed on a cluster.
+
+    ``cls`` may be a string, ``"package.module:ClassName"``, imported inside the replica.
 
     Example:
         >>> import runmap as rm

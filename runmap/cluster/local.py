@@ -64,7 +64,7 @@ class LocalCluster(Cluster):
 
     def python_for(self, env: Env) -> str:
         """The interpreter a servlet of ``env`` runs on."""
-        if env.reqs:
+        if env.needs_build:
             from runmap.envs.builder import build_venv
 
             return build_venv(env)
@@ -72,6 +72,11 @@ class LocalCluster(Cluster):
 
     def _launch(self, env: Env) -> Servlet:
         working_dir = env.checked_working_dir()
+        code: list[str] = []
+        if env.git is not None:
+            from runmap.envs.git import code_dir
+
+            code = [str(code_dir(env.git))]  # fetched once per commit, in the client's cache
         python = self.python_for(env)
         log = log_dir(self.name) / f"{env.name}.log"
         config = {
@@ -80,7 +85,7 @@ class LocalCluster(Cluster):
             "host": self.host,
             "port": 0,
             "max_body": self.max_body,
-            "sys_path": client_sys_path(with_site_packages=not env.reqs),
+            "sys_path": code + client_sys_path(with_site_packages=not env.needs_build),
             "working_dir": working_dir,
             "log": str(log),  # the servlet writes it, capped at log_max_bytes (runmap/server/logfile.py)
             "log_max_bytes": self.log_max_bytes,

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from runmap.envs.git import GitRepo
 from runmap.exceptions import ConfigError
 
 DEFAULT_NAME = "default"
@@ -25,6 +26,7 @@ class Env:
         env_vars: environment variables set in the replica's process.
         working_dir: the replica's working directory (and first entry of ``sys.path``).
         origin: the env this one replicates (its own name for an original).
+        git: a repository whose code (at one commit) and requirements the replicas get.
 
     Example:
         >>> e = Env(name="model", compute={"CPU": 0.5})
@@ -38,6 +40,7 @@ class Env:
     env_vars: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
     origin: str = ""
+    git: GitRepo | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -49,6 +52,10 @@ class Env:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ConfigError(f"env_vars must map str to str, not {key!r}: {value!r}")
         check_requirements(self.reqs, self.working_dir)
+        if self.git is not None:
+            if not isinstance(self.git, GitRepo):
+                raise ConfigError(f"git must be an rm.GitRepo, not {type(self.git).__name__}")
+            object.__setattr__(self, "git", self.git.resolved())  # the commit, now: every replica runs it
         if not self.origin:
             object.__setattr__(self, "origin", self.name)
 
@@ -69,12 +76,18 @@ class Env:
         return os.path.abspath(self.working_dir)
 
     @property
+    def needs_build(self) -> bool:
+        """Whether the env installs anything: ``reqs``, or a git repository's requirements or conda file."""
+        return bool(self.reqs) or (self.git is not None and bool(self.git.reqs_file or self.git.conda_file))
+
+    @property
     def content_hash(self) -> str:
-        """A hash of what the env installs and sets, not of its name."""
-        body = json.dumps(
-            [list(self.reqs), dict(self.env_vars), self.working_dir],
-            sort_keys=True,
-        )
+        """A hash of what the env installs and sets (the git commit among it), not of its name."""
+        parts: list[object] = [list(self.reqs), dict(self.env_vars), self.working_dir]
+        if self.git is not None:
+            g = self.git
+            parts.append([g.url, g.commit, g.path, g.reqs_file, g.conda_file])
+        body = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -114,6 +127,7 @@ def env(
     compute: Mapping[str, float] | None = None,
     env_vars: Mapping[str, str] | None = None,
     working_dir: str | os.PathLike[str] | None = None,
+    git: GitRepo | None = None,
 ) -> Env:
     """Describes an env.
 
@@ -123,6 +137,8 @@ def env(
         compute: resources each replica asks for (``{"CPU": 0.5, "GPU": 1}``).
         env_vars: environment variables for the replica's process.
         working_dir: the replica's working directory.
+        git: an :class:`~runmap.envs.git.GitRepo`: its ``ref`` is resolved to a commit now
+            (a :class:`ConfigError` quoting git if the repository or the ref is not there).
 
     Example:
         >>> import runmap as rm
@@ -139,4 +155,5 @@ def env(
         compute=dict(compute or {}),
         env_vars=dict(env_vars or {}),
         working_dir=os.fspath(working_dir) if working_dir is not None else None,
+        git=git,
     )

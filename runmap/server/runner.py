@@ -136,6 +136,8 @@ def main() -> None:
     from runmap.server.state import ServletState
 
     user_paths = [config["working_dir"]] if config.get("working_dir") else []
+    if user_paths:
+        os.chdir(user_paths[0])  # a remote launcher cannot set the cwd itself (SSH: a shipped directory)
     for path in reversed(user_paths + config.get("sys_path", [])):
         if path not in sys.path:
             sys.path.insert(0, path)

@@ -53,6 +53,8 @@ class ServletState:
         if not (isinstance(spec, tuple) and len(spec) == 4 and spec[0] in (FUNCTION, CLASS)):
             raise ProtocolError(f"not a module spec for {name!r}", 400)
         kind, obj, args, kwargs = spec
+        if isinstance(obj, str):
+            obj = import_by_path(obj)
         value = obj if kind == FUNCTION else obj(*args, **kwargs)
         with self._lock:
             self._modules[name] = value
@@ -120,6 +122,24 @@ class ServletState:
                 replica=self.name,
             ) from exc
         return ser.dump_outcome(run_chunk(fn, mode, items, kwargs))
+
+
+def import_by_path(spec: str) -> Any:
+    """The object ``"package.module:name"`` names (``name`` may be dotted), imported here.
+
+    Raises:
+        ImportError: naming the module or attribute that is not there; sent back to the client.
+    """
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"cannot import {attr!r} from {module_name!r} ({spec!r})") from None
+    return obj
 
 
 def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], kwargs: dict[str, Any] | None) -> ser.Outcome:

@@ -139,6 +139,25 @@ class RayCluster(Cluster):
         working_dir = env.checked_working_dir()
         if working_dir is not None:
             runtime_env["working_dir"] = working_dir
+        if env.git is not None:
+            from runmap.envs.git import checkout, code_dir
+
+            repo = checkout(env.git)  # fetched on this client once per commit; Ray uploads it
+            code = code_dir(env.git)
+            if "working_dir" not in runtime_env:
+                runtime_env["working_dir"] = str(code)  # Ray puts it on the actor's sys.path
+            else:  # its packages, one by one (py_modules takes package directories)
+                packages = [str(p) for p in sorted(code.iterdir()) if (p / "__init__.py").is_file()]
+                runtime_env["py_modules"] = [*runtime_env.get("py_modules", []), *packages]
+            if env.git.reqs_file:
+                from runmap.envs.git import requirement_lines
+
+                pip = runtime_env.get("pip") or []
+                if isinstance(pip, str):  # a requirements file already: read it too
+                    pip = requirement_lines(Path(pip))
+                runtime_env["pip"] = [*pip, *requirement_lines(repo / env.git.reqs_file)]
+            if env.git.conda_file:
+                runtime_env["conda"] = str(repo / env.git.conda_file)  # Ray's own conda support builds it
         return runtime_env
 
     def _launch(self, env: Env) -> Servlet:

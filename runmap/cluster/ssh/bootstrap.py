@@ -595,3 +595,111 @@ def bootstrap(
         installer=installer,
         timings=timings,
     )
+
+
+# ---------------------------------------------------------------------- shipped directories
+
+IGNORE_FILE = ".runmapignore"
+ALWAYS_IGNORED = (".git", "__pycache__")
+SHIPPED_MARKER = ".runmap-shipped"
+
+# argv[1]: JSON {"dest": path}. stdin: a tar stream of the directory's files.
+SHIP = r"""
+import json, os, shutil, sys, tarfile, tempfile
+a = json.loads(sys.argv[1])
+dest = a["dest"]
+parent = os.path.dirname(dest)
+os.makedirs(parent, mode=0o700, exist_ok=True)
+if os.path.exists(os.path.join(dest, ".runmap-shipped")):
+    sys.stdin.buffer.read()
+    print("runmap-json:" + json.dumps({"sent": False}), flush=True)
+    sys.exit(0)
+incoming = tempfile.mkdtemp(prefix=".incoming-", dir=parent)
+try:
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(incoming, filter="data")
+        else:
+            tf.extractall(incoming)
+    open(os.path.join(incoming, ".runmap-shipped"), "w").close()
+    if os.path.lexists(dest):
+        shutil.rmtree(dest)  # an interrupted shipment
+    try:
+        os.rename(incoming, dest)
+    except OSError:
+        pass  # another shipment of the same content got there first
+finally:
+    shutil.rmtree(incoming, ignore_errors=True)
+print("runmap-json:" + json.dumps({"sent": True}), flush=True)
+"""
+
+
+def ignored_patterns(root: Path) -> list[str]:
+    """The patterns of ``root``'s ``.runmapignore`` (one a line, ``#`` comments), and ``.git``, ``__pycache__``."""
+    patterns = list(ALWAYS_IGNORED)
+    ignore = root / IGNORE_FILE
+    if ignore.is_file():
+        for line in ignore.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                patterns.append(line.strip("/"))
+    return patterns
+
+
+def directory_files(root: Path) -> tuple[str, list[tuple[str, Path]]]:
+    """The files of ``root`` that are shipped (relative path, path) and their content hash."""
+    import fnmatch
+
+    patterns = ignored_patterns(root)
+
+    def skipped(rel: str) -> bool:
+        parts = rel.split("/")
+        return any(
+            fnmatch.fnmatch(rel, p) or any(fnmatch.fnmatch(part, p) for part in parts) for p in patterns
+        )
+
+    digest = hashlib.sha256(b"runmap dir\0")
+    files: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not skipped((base / d).relative_to(root).as_posix()))
+        for name in sorted(filenames):
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            if skipped(rel) or not path.is_file() or path.is_symlink():
+                continue
+            files.append((rel, path))
+            digest.update(rel.encode() + b"\0" + (b"x" if os.access(path, os.X_OK) else b"-"))
+            digest.update(bytes.fromhex(_content_hash(path)))
+    return digest.hexdigest()[:16], files
+
+
+def _content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ship_directory(conn: SSHConnection, root: Path, cache: str) -> tuple[str, bool]:
+    """Ships ``root``'s files (less ``.git``, ``__pycache__`` and ``.runmapignore``'s paths) to the host,
+    once per content hash: ``<cache>/dirs/<hash>``. Returns that remote path, and whether it was sent now.
+    """
+    content, files = directory_files(root)
+    dest = f"{cache}/dirs/{content}"
+    probe = conn.run(["test", "-f", f"{dest}/{SHIPPED_MARKER}"], timeout=PROBE_TIMEOUT)
+    if probe.returncode == 0:
+        return dest, False
+    with tempfile.TemporaryFile() as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for rel, path in files:
+                info = tar.gettarinfo(str(path), arcname=rel)
+                info.mode = 0o700 if os.access(path, os.X_OK) else 0o600
+                info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+                with path.open("rb") as data:
+                    tar.addfile(info, data)
+        f.seek(0)
+        completed = conn.run(remote_python("python3", SHIP, json.dumps({"dest": dest})), input=f, timeout=BUILD_TIMEOUT)
+    result = _result(completed, f"shipment of {root}", conn.host)
+    return dest, bool(result["sent"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -32,11 +33,11 @@ from typing import Any
 
 from runmap.cluster.base import Cluster
 from runmap.cluster.process import ExitStatus, SubprocessServlet, start_subprocess_servlet, tail
-from runmap.cluster.ssh.bootstrap import HostInfo, bootstrap
+from runmap.cluster.ssh.bootstrap import HostInfo, bootstrap, ship_directory
 from runmap.cluster.ssh.connection import SSHConnection
 from runmap.cluster.ssh.placement import Placement
 from runmap.envs.env import Env
-from runmap.exceptions import ConfigError
+from runmap.exceptions import ClusterError, ConfigError
 from runmap.paths import log_dir, private_dir, runtime_subdir
 from runmap.server.app import DEFAULT_MAX_BODY
 from runmap.server.command import servlet_command
@@ -100,6 +101,10 @@ class SSHCluster(Cluster):
         self._infos: dict[tuple[str, str], HostInfo] = {}
         self._bootstrap_locks: dict[tuple[str, str], threading.Lock] = {}
         self._placed: dict[str, str] = {}  # servlet name -> host
+        self._shipped: dict[tuple[str, str], str] = {}  # (host, local dir) -> remote dir
+        self._ship_locks: dict[tuple[str, str], threading.Lock] = {}
+        # (host, local directory, remote directory, whether it was sent): what _ship did, in order.
+        self.shipments: list[tuple[str, str, str, bool]] = []
         try:
             with ThreadPoolExecutor(max_workers=min(8, len(hosts)), thread_name_prefix="runmap-ssh") as pool:
                 connections = list(
@@ -148,16 +153,34 @@ class SSHCluster(Cluster):
             with self._lock:
                 info = self._infos.get(key)
             if info is None:
-                info = bootstrap(self._connections[host], env.reqs)
+                info = bootstrap(self._connections[host], env.reqs + _git_requirements(env))
                 with self._lock:
                     self._infos[key] = info
             return info
 
     # ------------------------------------------------------------ launching
 
+    def _ship(self, host: str, local: Path, info: HostInfo) -> str:
+        """``local`` on ``host``: shipped once per content hash (see :func:`ship_directory`)."""
+        key = (host, str(local))
+        with self._lock:
+            gate = self._ship_locks.setdefault(key, threading.Lock())
+        with gate:
+            # Hashed again on every launch: a directory edited between two launches is shipped anew.
+            cache = info.env_dir.rsplit("/envs/", 1)[0]
+            remote, sent = ship_directory(self._connections[host], local, cache)
+            with self._lock:
+                self._shipped[key] = remote
+                self.shipments.append((host, str(local), remote, sent))
+            return remote
+
     def _launch(self, env: Env) -> Servlet:
-        if env.working_dir is not None:
-            raise ConfigError(f"env {env.name!r}: working_dir is not shipped to SSH hosts yet")
+        if env.git is not None and env.git.conda_file:
+            raise ConfigError(
+                f"env {env.name!r}: a conda_file is built on the local cluster and on Ray, not on SSH hosts yet; "
+                "use reqs_file"
+            )
+        env.checked_working_dir()  # a ConfigError before a host is taken
         host = self.placement.place(env.name, env.compute)
         try:
             return self._launch_on(host, env)
@@ -168,6 +191,23 @@ class SSHCluster(Cluster):
     def _launch_on(self, host: str, env: Env) -> Servlet:
         conn = self._connections[host]
         info = self.host_info(host, env)
+        ours = sys.version_info[:2]
+        if tuple(info.python_version[:2]) != ours:
+            raise ClusterError(
+                f"replica {env.name!r} on {host} would run Python "
+                f"{info.python_version[0]}.{info.python_version[1]} ({info.python}), but the client runs Python "
+                f"{ours[0]}.{ours[1]}: functions and classes travel pickled by value, which breaks across minor "
+                f"versions. Give the host a python{ours[0]}.{ours[1]}, or run the client on "
+                f"{info.python_version[0]}.{info.python_version[1]}"
+            )
+        sys_path: list[str] = []
+        if env.git is not None:
+            from runmap.envs.git import checkout
+
+            remote_repo = self._ship(host, checkout(env.git), info)
+            sys_path.append(f"{remote_repo}/{env.git.path}".removesuffix("/."))
+        local_wd = env.checked_working_dir()
+        remote_wd = self._ship(host, Path(local_wd), info) if local_wd is not None else None
         log = log_dir(self.name) / f"{env.name}.log"
         config = {
             "name": env.name,
@@ -175,7 +215,8 @@ class SSHCluster(Cluster):
             "host": "127.0.0.1",  # the host's loopback: reached through the SSH connection only
             "port": 0,
             "max_body": self.max_body,
-            "sys_path": [],
+            "sys_path": sys_path,
+            "working_dir": remote_wd,  # the runner's working directory and first entry of sys.path
         }
         # An argv (no shell in between); the env's variables are set by the runner from its
         # config, so their values show on no command line of the host.
@@ -228,6 +269,15 @@ class SSHCluster(Cluster):
                    "lost": host in self.placement.lost}
             for host in self.hosts
         }
+
+
+def _git_requirements(env: Env) -> tuple[str, ...]:
+    """The requirements of a git env's ``reqs_file``, read from its checkout on the client."""
+    if env.git is None or not env.git.reqs_file:
+        return ()
+    from runmap.envs.git import checkout, requirement_lines
+
+    return tuple(requirement_lines(checkout(env.git) / env.git.reqs_file))
 
 
 SUN_PATH_MAX = 100  # a Unix socket's path must fit in sockaddr_un (108 bytes, less what ssh appends)
