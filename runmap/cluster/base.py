@@ -135,7 +135,8 @@ class Cluster(ABC):
         if not self._closed and registry.shut_down_from_cli(self):
             # `runmap down` ended its servlets: the cluster ends with them, they are not replaced.
             self.closed_reason = "shut down from the command line (runmap down)"
-            self.close()
+            # Not on the watcher's thread: closing takes a while, and other deaths must still be heard.
+            threading.Thread(target=self.close, name=f"runmap-down-{self.name}", daemon=True).start()
         else:
             registry.update(self)
 

@@ -258,8 +258,12 @@ class SSHCluster(Cluster):
         super().close()
         with self._lock:
             connections, self._connections = dict(self._connections), {}
-        for conn in connections.values():
-            conn.close()
+        if connections:
+            with ThreadPoolExecutor(max_workers=len(connections), thread_name_prefix="runmap-ssh-close") as pool:
+                results = list(pool.map(_close_quietly, connections.values()))
+                for conn, done in zip(connections.values(), results, strict=True):
+                    if done is not None:
+                        print(f"runmap: closing the connection to {conn.host} failed: {done}", file=sys.stderr)
         shutil.rmtree(self._sockets, ignore_errors=True)
 
     def describe_hosts(self) -> dict[str, Any]:
@@ -278,6 +282,15 @@ def _git_requirements(env: Env) -> tuple[str, ...]:
     from runmap.envs.git import checkout, requirement_lines
 
     return tuple(requirement_lines(checkout(env.git) / env.git.reqs_file))
+
+
+def _close_quietly(conn: SSHConnection) -> BaseException | None:
+    """Closes ``conn``; one host's failure must not leave the others' connections open."""
+    try:
+        conn.close()
+    except Exception as exc:
+        return exc
+    return None
 
 
 SUN_PATH_MAX = 100  # a Unix socket's path must fit in sockaddr_un (108 bytes, less what ssh appends)

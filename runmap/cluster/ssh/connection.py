@@ -519,6 +519,9 @@ class SSHConnection:
         A bare 255 (no wrapper line) while the master still runs is asked again after up to
         :data:`LOST_GRACE` seconds, in case the master was about to notice the host gone.
         """
+        if self._closed:
+            # runmap closed the connection (its cluster is closing): that is no lost host.
+            return classify_exit(returncode, stderr_tail, master_alive=True)
         status = classify_exit(returncode, stderr_tail, self.alive())
         if status.kind is ExitKind.SIGNALED and status.signal is None and self._master is not None:
             # A bare 255 while the master still answered: it may be on its way out with the host.

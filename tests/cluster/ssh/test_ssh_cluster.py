@@ -39,7 +39,7 @@ class Scaler:
 def hosts(ssh_hosts: SshHosts) -> Iterator[SSHCluster]:
     with rm.cluster("ssh", hosts=ALL, name="hosts", config_file=ssh_hosts.config) as cluster:
         yield cluster  # type: ignore[misc]
-    ssh_hosts.assert_clean()
+    ssh_hosts.assert_clean(within=15)  # a loaded machine takes a moment to end sshd's per-connection processes
 
 
 def test_a_method_maps_over_three_hosts_placed_by_compute(

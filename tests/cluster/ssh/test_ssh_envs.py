@@ -25,7 +25,7 @@ def hosts(ssh_hosts: SshHosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("RUNMAP_CACHE", str(tmp_path / "cache"))  # the client's git cache
     with rm.cluster("ssh", hosts=HOSTS, name="envs", config_file=ssh_hosts.config) as cluster:
         yield cluster  # type: ignore[misc]
-    ssh_hosts.assert_clean()
+    ssh_hosts.assert_clean(within=15)  # a loaded machine takes a moment to end sshd's per-connection processes
 
 
 def listing(_: object = None) -> tuple[list[str], str, str]:

@@ -16,7 +16,7 @@ from runmap.cluster.ssh import SSHCluster
 def hosts(ssh_hosts: SshHosts) -> Iterator[SSHCluster]:
     with rm.cluster("ssh", hosts=["host-a", "host-b", "host-c"], name="crashes", config_file=ssh_hosts.config) as c:
         yield c  # type: ignore[misc]
-    ssh_hosts.assert_clean()
+    ssh_hosts.assert_clean(within=15)  # a loaded machine takes a moment to end sshd's per-connection processes
 
 
 @pytest.mark.parametrize("case,options,error,pattern", CRASHES, ids=[c[0] for c in CRASHES])
