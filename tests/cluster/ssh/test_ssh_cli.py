@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -51,8 +52,11 @@ def test_status_lists_and_down_ends_ssh_replicas(ssh_hosts: SshHosts, tmp_path: 
         client.stdin.write("go\n")
         client.stdin.flush()
         reasons = client.stdout.readline().strip()
-        # The client saw both replicas end: their sessions were signalled from the command line.
-        assert reasons.startswith("[") and reasons.count("session was ended on this machine") == 2, reasons
+        # The client saw both replicas end (how it words the second one races with the cluster
+        # closing its connections: "session was ended on this machine" or "host lost").
+        ended = ast.literal_eval(reasons)  # the printed list of both exit reasons
+        assert len(ended) == 2 and "running" not in ended, reasons
+        assert any("session was ended on this machine" in r for r in ended), reasons
         ssh_hosts.assert_clean("host-a", within=10)
         ssh_hosts.assert_clean("host-b", within=10)
     finally:
