@@ -1,12 +1,12 @@
-"""The crash table of tests/test_failures.py, on replicas on SSH hosts."""
+"""The crash table (tests/crashes.py), on replicas on SSH hosts."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from crashes import CRASHES, check_crash, crash_at
 from sshd_hosts import SshHosts
-from test_failures import CRASHES, check_crash, crash_at
 
 import runmap as rm
 from runmap.cluster.ssh import SSHCluster

@@ -6,83 +6,23 @@ middle of a map of hundreds of inputs, and what the user must see.
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
-import re
 import signal
 import threading
 import time
 
 import pytest
+from crashes import CRASHES, EXPECTED, POISON, N, check_crash, crash_at, fates
 from processes import assert_all_end
 
 import runmap as rm
-
-N = 300
-POISON = 150
-
-
-class Unpicklable(Exception):
-    def __init__(self) -> None:
-        super().__init__("holds a lock")
-        self.lock = threading.Lock()
-
-
-def crash_at(x: int, case: str, marker: str | None = None) -> int:
-    """Fails on input POISON; with a marker file, only the first time."""
-    if x == POISON and (marker is None or not os.path.exists(marker)):
-        if marker is not None:
-            open(marker, "w").close()
-        if case == "exit":
-            os._exit(1)
-        if case == "segv":
-            faulthandler._sigsegv()  # type: ignore[attr-defined]
-        if case == "sigkill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if case == "memory":
-            raise MemoryError("out of memory on 150")
-        if case == "unpicklable":
-            raise Unpicklable()
-        if case == "hang":
-            time.sleep(60)
-    return 2 * x
-
-
-EXPECTED = [2 * x for x in range(N)]
-
-
-def fates(mapper: rm.Mapper) -> dict[str, str]:
-    """What became of each replica the Mapper has had."""
-    return {r.name: r.reason or "alive" for r in mapper._pool.replicas}
-
-# (case, mapper options, error type in slot POISON, pattern of its message)
-CRASHES = [
-    ("exit", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*exit code 1"),
-    ("segv", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*SIGSEGV\(-11\)"),
-    ("sigkill", {"retries": 1}, rm.ReplicaDiedError, r"inputs? 150.*SIGKILL\(-9\)"),
-    ("memory", {}, MemoryError, r"out of memory on 150"),
-    ("unpicklable", {}, rm.RemoteError, r"Unpicklable: holds a lock"),
-    ("hang", {"timeout": 1.0}, rm.ReplicaTimeoutError, r"inputs? 150.*timeout of 1 s"),
-]
 
 
 @pytest.mark.parametrize("case,options,error,pattern", CRASHES, ids=[c[0] for c in CRASHES])
 def test_crash_table(case: str, options: dict, error: type, pattern: str) -> None:
     with rm.mapper(crash_at, num_replicas=3, **options) as mapper:
         check_crash(mapper, case, error, pattern)
-
-
-def check_crash(mapper: rm.Mapper, case: str, error: type, pattern: str) -> None:
-    """One row of the crash table, on ``mapper``'s replicas (of any cluster kind)."""
-    results = mapper.map(range(N), kwargs={"case": case}, return_exceptions=True, progress=False)
-    assert isinstance(results[POISON], error), results[POISON]
-    assert re.search(pattern, str(results[POISON])), str(results[POISON])
-    assert results[:POISON] + results[POISON + 1 :] == EXPECTED[:POISON] + EXPECTED[POISON + 1 :]
-    # Raised, not returned, without return_exceptions; and the Mapper still works after.
-    with pytest.raises(error):
-        mapper.map(range(N), kwargs={"case": case}, progress=False)
-    assert mapper.map(range(10), kwargs={"case": "none"}, progress=False) == EXPECTED[:10]
 
 
 @pytest.mark.parametrize("case", ["exit", "segv", "sigkill"])
