@@ -530,6 +530,10 @@ class SSHConnection:
             except subprocess.TimeoutExpired:
                 pass
             status = classify_exit(returncode, stderr_tail, self.alive())
+        if status.kind is ExitKind.HOST_LOST and self._closed:
+            # runmap closed the connection while this session's end was being looked at (a cluster
+            # closing after `runmap down` ended its first servlet): no lost host either.
+            return classify_exit(returncode, stderr_tail, master_alive=True)
         if status.kind is ExitKind.HOST_LOST:
             said = self._master_said(3)
             cause = f"the connection to {self.host} ended" + (f": {said}" if said else "")

@@ -52,11 +52,11 @@ def test_status_lists_and_down_ends_ssh_replicas(ssh_hosts: SshHosts, tmp_path: 
         client.stdin.write("go\n")
         client.stdin.flush()
         reasons = client.stdout.readline().strip()
-        # The client saw both replicas end (how it words the second one races with the cluster
-        # closing its connections: "session was ended on this machine" or "host lost").
+        # The client saw both replicas end, and neither as a lost host: the second one's session
+        # ends while its cluster closes its connections, which is no lost host either.
         ended = ast.literal_eval(reasons)  # the printed list of both exit reasons
-        assert len(ended) == 2 and "running" not in ended, reasons
-        assert any("session was ended on this machine" in r for r in ended), reasons
+        assert len(ended) == 2, reasons
+        assert all("session was ended on this machine" in r for r in ended), reasons
         ssh_hosts.assert_clean("host-a", within=10)
         ssh_hosts.assert_clean("host-b", within=10)
     finally:
