@@ -85,6 +85,11 @@ def cmd_status(as_json: bool = False) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for e in entries:
+        if e.kind == "ec2" and e.details:
+            from runmap.cluster.ec2.status import status_lines
+
+            print("\n".join(["", *status_lines(e.name, e.details, uptime)]))
     return 0
 
 
@@ -107,6 +112,7 @@ def _as_dict(e: registry.ClusterEntry) -> dict[str, object]:
         "pid": e.pid,
         "client_alive": e.client_alive,
         "started": e.started,
+        "details": e.details,
         "servlets": [
             {k: getattr(s, k) for k in ("name", "env", "host", "pid", "local_pid", "endpoint", "started", "log")}
             for s in e.servlets
@@ -144,6 +150,10 @@ def cmd_down(name: str | None, grace: float = STOP_GRACE) -> int:
             registry.down_marker(e.path).unlink(missing_ok=True)
         ended = [s.name for s in signalled if s.cluster is e]
         print(f"{e.name}: ended {len(ended)} servlet(s){': ' + ', '.join(ended) if ended else ''}")
+        if e.kind == "ec2" and e.details:
+            from runmap.cluster.ec2.status import terminate
+
+            print(f"{e.name}: terminated EC2 instances {', '.join(terminate(e.details)) or '(none launched)'}")
     if name is None:
         print(f"(--all: the clusters of user {_user_name()} on this machine; other users' are not yours to end)")
     return 0

@@ -92,6 +92,9 @@ def update(cluster: Cluster) -> None:
             "started": record.started,
             "servlets": servlets,
         }
+        details = getattr(cluster, "registry_details", None)  # a kind's own record (EC2: its instances)
+        if details is not None:
+            entry["details"] = details()
         try:
             _write(record.path, entry)
         except OSError:
@@ -180,6 +183,7 @@ class ClusterEntry:
     servlets: list[ServletEntry]
     path: Path
     pid_start: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def client_alive(self) -> bool:
@@ -203,6 +207,7 @@ def load(clean: bool = True) -> list[ClusterEntry]:
                 servlets=[],
                 path=path,
                 pid_start=raw.get("pid_start"),
+                details=dict(raw.get("details") or {}),
             )
             for s in raw["servlets"]:
                 servlet = ServletEntry(**{k: s.get(k) for k in ServletEntry.__dataclass_fields__ if k != "cluster"})

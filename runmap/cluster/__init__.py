@@ -27,7 +27,9 @@ def cluster(kind: str = "local", **options: Any) -> Cluster:
 
     Args:
         kind: ``"local"`` (this machine), ``"ssh"`` (hosts reached with OpenSSH:
-            ``hosts=[...]``), or ``"ray"`` (``pip install runmap[ray]``).
+            ``hosts=[...]``), ``"ec2"`` (the cheapest EC2 instances for ``workers=``,
+            ``cpu=``, ``memory_gb=``: ``pip install runmap[aws]``), or ``"ray"``
+            (``pip install runmap[ray]``).
         **options: the kind's own options, such as ``name`` or ``address``.
 
     With no options, ``rm.cluster()`` is the embedded local cluster that plain
@@ -48,7 +50,11 @@ def cluster(kind: str = "local", **options: Any) -> Cluster:
         from runmap.cluster.ssh.cluster import SSHCluster
 
         return SSHCluster(**options)
-    raise ConfigError(f"unknown cluster kind {kind!r}; expected 'local', 'ssh' or 'ray'")
+    if kind == "ec2":
+        from runmap.cluster.ec2.cluster import EC2Cluster
+
+        return EC2Cluster(**options)
+    raise ConfigError(f"unknown cluster kind {kind!r}; expected 'local', 'ssh', 'ec2' or 'ray'")
 
 
 __all__ = ["Cluster", "LocalCluster", "cluster", "default_cluster"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +37,7 @@ from typing import Any
 
 from runmap.cluster.ec2.catalog import Catalog, RunningInstance
 from runmap.cluster.ec2.planner import SPOT, Launch, Plan, plan
+from runmap.cluster.ec2.reach import instance_address
 from runmap.exceptions import AllocationError, ClusterError, ConfigError
 from runmap.paths import open_private, private_dir
 
@@ -45,6 +47,9 @@ SECURITY_GROUP = "runmap-ssh"
 TAG_CLUSTER = "runmap:cluster"
 TAG_PLAN = "runmap:plan"
 TAG_WORKERS = "runmap:workers"
+TAG_PRICE = "runmap:price"  # $/hour the plan priced it at, for the cost report and `runmap status`
+TAG_MARKET = "runmap:market"
+TAG_USE = "runmap:use:"  # + a cluster's id: the room (cpu/memory_gb/gpus) that cluster holds on the instance
 # What EC2 answers when an offer has no room now (or the account's quota is spent): block and re-plan.
 CAPACITY_ERRORS = frozenset(
     {
@@ -119,6 +124,7 @@ class Instance:
     host: str  # public DNS name, else public address, else private address
     workers: int
     price_per_hour: float
+    capacity: int = 0  # the workers of this request it could hold
 
 
 def _error_code(exc: BaseException) -> str:
@@ -249,6 +255,8 @@ class Launcher:
             {"Key": TAG_CLUSTER, "Value": self.cluster},
             {"Key": TAG_PLAN, "Value": plan_id},
             {"Key": TAG_WORKERS, "Value": str(item.workers)},
+            {"Key": TAG_PRICE, "Value": f"{item.price_per_hour:.6f}"},
+            {"Key": TAG_MARKET, "Value": item.market},
         ]
         request: dict[str, Any] = {
             "ImageId": image,
@@ -274,9 +282,10 @@ class Launcher:
             instance_type=item.instance_type,
             market=item.market,
             zone=described.get("Placement", {}).get("AvailabilityZone", item.zone or ""),
-            host=described.get("PublicDnsName") or described.get("PublicIpAddress") or described["PrivateIpAddress"],
+            host=instance_address(described),
             workers=item.workers,
             price_per_hour=item.price_per_hour,
+            capacity=max(item.capacity, item.workers),
         )
         self.launched.append(instance)
         return instance
@@ -333,13 +342,52 @@ class Launcher:
 
     def instances(self) -> list[dict[str, Any]]:
         """This cluster's live instances (pending or running), as EC2 describes them."""
+        return self._live([{"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}])
+
+    def _live(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pages = self.ec2.get_paginator("describe_instances").paginate(
-            Filters=[
-                {"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]},
-                {"Name": "instance-state-name", "Values": LIVE_STATES},
-            ]
+            Filters=[*filters, {"Name": "instance-state-name", "Values": LIVE_STATES}]
         )
         return [inst for page in pages for reservation in page["Reservations"] for inst in reservation["Instances"]]
+
+    def describe(self, instance_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """EC2's descriptions of ``instance_ids``, in that order (those EC2 no longer knows left out)."""
+        if not instance_ids:
+            return []
+        found = {
+            inst["InstanceId"]: inst
+            for r in self.ec2.describe_instances(InstanceIds=list(instance_ids))["Reservations"]
+            for inst in r["Instances"]
+        }
+        return [found[i] for i in instance_ids if i in found]
+
+    def wait_running(self, instance_ids: Sequence[str], timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Polls until every instance runs with an address; their descriptions, in order."""
+        deadline = time.monotonic() + timeout
+        while True:
+            described = self.describe(instance_ids)
+            states = {i["InstanceId"]: i["State"]["Name"] for i in described}
+            gone = [i for i in instance_ids if states.get(i) not in ("pending", "running")]
+            if gone:
+                raise ClusterError(f"instances {gone} ended while starting: {[states.get(i) for i in gone]}")
+            if all(states[d["InstanceId"]] == "running" and instance_address(d) for d in described):
+                return described
+            if time.monotonic() > deadline:
+                raise ClusterError(f"instances {list(instance_ids)} were not running after {timeout:.0f} s: {states}")
+            time.sleep(2.0)
+
+    def runmap_instances(self) -> list[dict[str, Any]]:
+        """Every live instance of any runmap cluster in the region (candidates for reuse)."""
+        return self._live([{"Name": "tag-key", "Values": [TAG_CLUSTER]}])
+
+    def tag(self, instance_ids: Sequence[str], key: str, value: str | None) -> None:
+        """Sets (or, with ``value=None``, removes) a tag on the instances."""
+        if not instance_ids:
+            return
+        if value is None:
+            self.ec2.delete_tags(Resources=list(instance_ids), Tags=[{"Key": key}])
+        else:
+            self.ec2.create_tags(Resources=list(instance_ids), Tags=[{"Key": key, "Value": value}])
 
     def down(self, instance_ids: Sequence[str] | None = None) -> list[str]:
         """Terminates the instances this launcher launched (or ``instance_ids``); returns their ids."""

@@ -155,7 +155,7 @@ def _worker(cpu: float, memory_gb: float, gpus: int) -> str:
     return f"{cpu:g} CPU/{memory_gb:g} GB{gpu}"
 
 
-def _check(
+def check_request(
     workers: int, cpu: float, memory_gb: float, max_interruption: float, gpus: int, max_price: float | None
 ) -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -399,7 +399,7 @@ def plan(
         Will launch 1 new EC2 instances (total $0.1920/hr) for 2 workers:
             us-east-2 (any zone): m5.xlarge (4 CPU/16.0 GB), on-demand ($0.1920/hr), will run 2 job/worker
     """
-    _check(workers, cpu, memory_gb, max_interruption, gpus, max_price)
+    check_request(workers, cpu, memory_gb, max_interruption, gpus, max_price)
     reuse = _reuse(running, workers, cpu, memory_gb, gpus)
     left = workers - sum(n for _, n in reuse)
     launch: list[Launch] = []

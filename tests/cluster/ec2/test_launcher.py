@@ -8,14 +8,14 @@ ones, so these tests resolve the image through the Amazon Linux parameter.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import need
 
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+boto3 = need("boto3")
+need("moto.server")
 
 from botocore.exceptions import ClientError  # noqa: E402
 from test_planner import fixture_catalog  # noqa: E402
@@ -30,30 +30,6 @@ from runmap.cluster.ec2.launcher import (  # noqa: E402
 from runmap.exceptions import ClusterError  # noqa: E402
 
 REQUEST = {"workers": 3, "cpu": 4, "memory_gb": 32, "max_interruption": 15}
-
-
-@pytest.fixture
-def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    """moto's server on 127.0.0.1 (a free port), with fake credentials and a private config dir."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for name, value in {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-2",
-            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-            "RUNMAP_CONFIG": str(tmp_path / "config"),
-        }.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def launcher(**options: Any) -> Launcher:
