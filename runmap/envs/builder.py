@@ -7,7 +7,7 @@ nothing has to be installed twice. ``uv`` (the ``uv`` package's binary, else one
 on the PATH) is used when there is one (seconds), else ``venv`` and ``pip``. A git
 env's checkout is fetched first (:mod:`runmap.envs.git`) and its ``reqs_file``
 installed beside ``reqs``; its ``conda_file`` is built with micromamba, mamba or
-conda (:mod:`runmap.envs.conda`). One build per :func:`build_key`: the env's
+conda (:mod:`runmap.envs.conda`, the same code an SSH host's build runs). One build per :func:`build_key`: the env's
 content hash (requirements, git commit), the Python version and the platform. Concurrent builds of one env (replicas
 starting in parallel, or two clients) wait on a file lock and build it once.
 A build prints one line on the client when it starts and one when it is done,
@@ -129,16 +129,18 @@ def _build(env: Env, root: Path) -> None:
     python = venv_python(root)
     try:
         if conda_file is not None:
-            from runmap.envs.conda import conda_create_command, conda_tool
+            from runmap.envs.conda import conda_tool, create_command
 
-            _run(conda_create_command(conda_tool(), str(root), str(conda_file)), env)
+            _run(create_command(conda_tool(), str(root), str(conda_file)), env)
             _check_python_version(python, env)
-            install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         elif uv:
             _run([uv, "venv", "--quiet", "--python", sys.executable, str(root)], env)
-            install = [uv, "pip", "install", "--quiet", "--python", str(python)]
         else:
             _run([sys.executable, "-m", "venv", str(root)], env)
+        # uv installs into any interpreter (a conda env's too, which has pip only if its file lists it).
+        if uv:
+            install = [uv, "pip", "install", "--quiet", "--python", str(python)]
+        else:
             install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         if reqs:
             _run(install + reqs, env)
@@ -151,16 +153,15 @@ def _build(env: Env, root: Path) -> None:
 
 def _check_python_version(python: Path, env: Env) -> None:
     """A conda env must run the client's Python minor version: functions travel pickled by value."""
+    from runmap.envs.conda import python_mismatch
+
     out = subprocess.run(
-        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        [str(python), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
         capture_output=True, text=True, check=False,
     )
-    theirs, ours = out.stdout.strip(), f"{sys.version_info[0]}.{sys.version_info[1]}"
-    if theirs != ours:
-        raise ClusterError(
-            f"env {env.name!r}: its conda file gives Python {theirs or '(none)'}, but the client runs Python {ours}; "
-            f"pin python={ours} in it (functions travel pickled by value, which breaks across minor versions)"
-        )
+    why = python_mismatch(out.stdout.strip(), f"{sys.version_info[0]}.{sys.version_info[1]}")
+    if why is not None:
+        raise ClusterError(f"env {env.name!r}: {why}")
 
 
 def _link_client_packages(python: Path) -> None:

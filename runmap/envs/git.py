@@ -8,6 +8,13 @@ that commit into the client's cache (``<cache>/git/<url hash>-<commit>``), once:
 map at the same commit finds the done marker and runs no git command at all. Concurrent checkouts
 of one commit wait on a file lock. Every git failure is a :class:`~runmap.exceptions.ConfigError`
 (at :func:`env` time) or :class:`~runmap.exceptions.ClusterError` (at first use) quoting git.
+
+git runs on the client only (other hosts get the checkout), with no terminal and no prompt: a
+password or passphrase it would ask for is an error, not a hang. Over SSH it uses the user's own
+setup (``~/.ssh/config``, the agent, ``core.sshCommand``, ``GIT_SSH_COMMAND``) unless the repository
+names its own ``ssh_config``, ``ssh_key`` or ``known_hosts``: then runmap builds ``GIT_SSH_COMMAND``
+from those paths (``ssh -o BatchMode=yes -F ... -i ... -o UserKnownHostsFile=...``). Only paths go
+on that command line, never a key.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -45,6 +53,15 @@ class GitRepo:
         reqs_file: a requirements file (relative to the repository) installed into the env.
         conda_file: an ``environment.yml`` (relative to the repository) the env is built from.
         commit: the commit ``ref`` resolved to (filled in by :meth:`resolved`).
+        ssh_key: a private key file git's ssh logs in with (``-i``, and no other key).
+        ssh_config: an OpenSSH client config file git's ssh reads instead of ``~/.ssh/config`` (``-F``).
+        known_hosts: the known_hosts file the server's host key is checked against (strictly).
+
+    The last three are paths on the client, not part of what the env is: they are left out of
+    its content hash, so the same repository fetched with another key is the same env.
+
+    Example:
+        >>> repo = GitRepo("git@github.com:org/repo.git", ssh_key="~/.ssh/deploy_key")  # doctest: +SKIP
     """
 
     url: str
@@ -53,6 +70,9 @@ class GitRepo:
     reqs_file: str | None = None
     conda_file: str | None = None
     commit: str | None = None
+    ssh_key: str | None = None
+    ssh_config: str | None = None
+    known_hosts: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
@@ -63,6 +83,29 @@ class GitRepo:
             value = getattr(self, what)
             if value is not None and (os.path.isabs(value) or ".." in Path(value).parts):
                 raise ConfigError(f"GitRepo's {what} must be relative to the repository, inside it: {value!r}")
+        for what in ("ssh_key", "ssh_config", "known_hosts"):
+            value = getattr(self, what)
+            if value is None:
+                continue
+            path = os.path.abspath(os.path.expanduser(os.fspath(value)))
+            if not os.path.isfile(path):
+                raise ConfigError(f"GitRepo's {what} {value!r} is not a file")
+            if '"' in path:
+                raise ConfigError(f"GitRepo's {what} {value!r}: ssh cannot take a path with a double quote")
+            object.__setattr__(self, what, path)  # git runs in another directory
+
+    def ssh_command(self) -> str | None:
+        """``GIT_SSH_COMMAND`` for this repository's own ssh files, or None to leave the user's setup alone."""
+        if not (self.ssh_key or self.ssh_config or self.known_hosts):
+            return None
+        argv = ["ssh", "-o", "BatchMode=yes"]
+        if self.ssh_config:
+            argv += ["-F", self.ssh_config]
+        if self.ssh_key:
+            argv += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts:  # quoted for ssh too: a value with spaces would be several files
+            argv += ["-o", f'UserKnownHostsFile="{self.known_hosts}"', "-o", "StrictHostKeyChecking=yes"]
+        return shlex.join(argv)  # git runs it through the shell
 
     def resolved(self) -> GitRepo:
         """This repository with ``commit`` set to what ``ref`` names now (``git ls-remote``).
@@ -75,7 +118,7 @@ class GitRepo:
         if _SHA_RE.match(self.ref):
             return replace(self, commit=self.ref)
         what = f"resolving {self.ref!r} of {self.url}"
-        out = _git(["ls-remote", "--", self.url, self.ref], error=ConfigError, what=what)
+        out = _git(["ls-remote", "--", self.url, self.ref], error=ConfigError, what=what, ssh=self.ssh_command())
         refs: dict[str, str] = {}
         for line in out.splitlines():
             sha, _, name = line.partition("\t")
@@ -95,13 +138,18 @@ class GitRepo:
         return f"{hashlib.sha256(self.url.encode()).hexdigest()[:12]}-{self.commit}"
 
 
-def _git(args: list[str], *, error: type[Exception], what: str, cwd: Path | None = None) -> str:
+def _git(
+    args: list[str], *, error: type[Exception], what: str, cwd: Path | None = None, ssh: str | None = None
+) -> str:
     environ = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true", "LC_ALL": "C"}
-    environ.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    environ.setdefault("SSH_ASKPASS_REQUIRE", "never")
+    if ssh is not None:
+        environ["GIT_SSH_COMMAND"] = ssh
     try:
+        # A session of its own: no controlling terminal, so neither git nor ssh can prompt on it.
         done = subprocess.run(
             ["git", *args], capture_output=True, text=True, timeout=GIT_TIMEOUT, env=environ, cwd=cwd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )
     except FileNotFoundError:
         raise error(f"{what}: git is not installed (no `git` on the PATH)") from None
@@ -147,6 +195,7 @@ def _fetch(repo: GitRepo, root: Path) -> None:
     if root.exists():
         shutil.rmtree(root)  # an interrupted fetch
     what = f"fetching {repo.url} at {repo.commit[:12]} ({repo.ref})"
+    ssh = repo.ssh_command()
     try:
         root.mkdir(parents=True)
         _git(["init", "--quiet", str(root)], error=ClusterError, what=what)
@@ -154,10 +203,10 @@ def _fetch(repo: GitRepo, root: Path) -> None:
             fetch_count += 1
         try:
             _git(["fetch", "--quiet", "--depth", "1", "--", repo.url, repo.commit], error=ClusterError, what=what,
-                 cwd=root)
+                 cwd=root, ssh=ssh)
         except ClusterError:
             # A server that refuses a commit by id: fetch the ref, and check the commit is in it.
-            _git(["fetch", "--quiet", "--", repo.url, repo.ref], error=ClusterError, what=what, cwd=root)
+            _git(["fetch", "--quiet", "--", repo.url, repo.ref], error=ClusterError, what=what, cwd=root, ssh=ssh)
         _git(["-c", "advice.detachedHead=false", "checkout", "--quiet", repo.commit], error=ClusterError,
              what=what, cwd=root)
     except BaseException:

@@ -31,11 +31,18 @@ def resolve_target(
     if isinstance(target, RemoteFunction):
         return target, None, False, False
     if isinstance(target, (Module, RemoteClass)):
-        raise ConfigError("map over an instance: build one first, e.g. rm.module(Cls).to(cluster)(*init_args)")
+        what = target.cls if isinstance(target.cls, str) else target.cls.__qualname__
+        raise ConfigError(
+            f"cannot map over the class {what}: map a method of an instance, e.g. "
+            f"rm.mapper(rm.module(...).to(cluster, env=env)(*init_args).method)"
+        )
     fn = target.fn if isinstance(target, Function) else target
-    if not callable(fn):
+    if isinstance(target, Function) and isinstance(fn, str):  # "package.module:name", imported in the replica
+        if method is not None:
+            fn = f"{fn}.{method}"
+    elif not callable(fn):
         raise ConfigError(f"cannot map over {type(target).__name__}: it is not callable")
-    if method is not None:
+    elif method is not None:
         fn = getattr(fn, method)
     from runmap.cluster import default_cluster
 
@@ -48,7 +55,10 @@ def resolve_target(
     return remote, None, True, True
 
 
-def _env_name(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "__name__", "") or type(fn).__name__
+def _env_name(fn: Callable[..., Any] | str) -> str:
+    if isinstance(fn, str):  # "package.module:name.attr": "attr"
+        name = fn.rpartition(":")[2].rpartition(".")[2]
+    else:
+        name = getattr(fn, "__name__", "") or type(fn).__name__
     name = re.sub(r"[^A-Za-z0-9_.-]", "", name) or "fn"
     return "lambda" if name == "lambda" else name

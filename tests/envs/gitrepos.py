@@ -1,7 +1,8 @@
-"""Git repositories made in a test, served as ``file://`` URLs."""
+"""Git repositories made in a test, served as ``file://`` URLs or copied where a server serves them."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -57,3 +58,27 @@ JOKES_FILES = {
     "src/gitonly_jokes/__init__.py": JOKES_MODULE,
     "requirements.txt": "pyjokes==0.8.3\n",
 }
+
+
+def bare_copy(repo: Path, dest: Path, owner: str | None = None) -> Path:
+    """A bare clone of ``repo`` at ``dest`` (owned by the local user ``owner``, when given), as servers hold one."""
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(repo), str(dest)], env=GIT_ENV, check=True,
+                   capture_output=True)  # fmt: skip
+    if owner is not None:
+        shutil.chown(dest, owner, owner)
+        for path in dest.rglob("*"):
+            shutil.chown(path, owner, owner)
+    return dest
+
+
+URL_MODULE = '''
+import os
+
+
+def double(x):
+    return 2 * x
+
+
+def where(_=None):
+    return os.path.dirname(os.path.abspath(__file__))
+'''

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from envs.fakeconda import CONDA_YML, fake_conda_tool, recorded
 from envs.gitrepos import JOKES_FILES, commit, make_repo
+from needs import need
 
 import runmap as rm
 from runmap.envs import git as rm_git
 from runmap.envs.builder import build_key
-from runmap.envs.conda import conda_create_command, conda_tool
+from runmap.envs.conda import conda_tool, create_command
 
 
 @pytest.fixture
@@ -122,29 +124,52 @@ def test_a_name_the_replica_cannot_import_is_an_error_naming_it(cluster: rm.Loca
 
 
 def test_conda_commands_and_the_missing_tool_error(tmp_path: Path) -> None:
-    assert conda_create_command("/x/micromamba", "/p", "/e.yml") == [
+    assert create_command("/x/micromamba", "/p", "/e.yml") == [
         "/x/micromamba", "create", "--yes", "--prefix", "/p", "--file", "/e.yml"]
     for tool in ("/x/mamba", "/x/conda"):
-        assert conda_create_command(tool, "/p", "/e.yml") == [tool, "env", "create", "--quiet", "--prefix", "/p",
-                                                              "--file", "/e.yml"]
+        assert create_command(tool, "/p", "/e.yml") == [tool, "env", "create", "--quiet", "--prefix", "/p",
+                                                        "--file", "/e.yml"]
     (tmp_path / "bin").mkdir()
-    with pytest.raises(rm.ClusterError, match="micromamba, mamba or conda.*install micromamba"):
-        conda_tool(path=str(tmp_path / "bin"))
-    fake = tmp_path / "bin" / "mamba"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    assert conda_tool(path=str(tmp_path / "bin")) == str(fake)
+    home = tmp_path / "home"
+    with pytest.raises(rm.ClusterError, match="micromamba, mamba or conda.*nor in ~/.local/bin.*install micromamba"):
+        conda_tool(path=str(tmp_path / "bin"), home=str(home))
+    # Where installers put it, off the PATH (a non-interactive SSH shell never reads ~/.bashrc's PATH).
+    installed = fake_conda_tool(home / "micromamba" / "bin", "micromamba")
+    assert conda_tool(path=str(tmp_path / "bin"), home=str(home)) == str(installed)
+    fake = fake_conda_tool(tmp_path / "bin", "mamba")
+    assert conda_tool(path=str(tmp_path / "bin"), home=str(home)) == str(installed)  # micromamba first
+    installed.unlink()
+    assert conda_tool(path=str(tmp_path / "bin"), home=str(home)) == str(fake)
 
 
 def test_a_conda_file_without_a_conda_tool_is_a_clear_error(
     cluster: rm.LocalCluster, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url, _ = make_repo(tmp_path / "repo", {"environment.yml": "name: x\ndependencies:\n  - python=3.11\n"})
+    url, _ = make_repo(tmp_path / "repo", {"environment.yml": CONDA_YML})
     env = rm.env(name="conda-env", git=rm.GitRepo(url, conda_file="environment.yml"))
     rm_git.checkout(env.git)  # type: ignore[arg-type]  # fetched now, while git is on the PATH
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(rm.ClusterError, match="needs micromamba, mamba or conda"):
         rm.function(len).to(cluster, env=env)
+
+
+def test_a_conda_file_is_built_with_the_conda_tool_then_its_requirements(
+    cluster: rm.LocalCluster, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _ = make_repo(tmp_path / "repo", {**JOKES_FILES, "environment.yml": CONDA_YML})
+    env = rm.env(name="conda-local", git=rm.GitRepo(url, path="src", reqs_file="requirements.txt",
+                                                    conda_file="environment.yml"))  # fmt: skip
+    tool = fake_conda_tool(tmp_path / "bin", "micromamba")  # stands in for the solve: see fakeconda.py
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _, ok, version, prefix = rm.function("gitonly_jokes:joke_length").to(cluster, env=env)(1)
+    root = cache / "envs" / build_key(env)
+    assert prefix == str(root) and ok and version == "0.8.3"  # the reqs_file went in after, with uv
+    argv, text = recorded(tool)
+    checkout_dir = cache / "git" / env.git.key  # type: ignore[union-attr]
+    assert argv == create_command(str(tool), str(root), str(checkout_dir / "environment.yml"))
+    assert text == CONDA_YML
 
 
 def test_the_client_cannot_import_the_repo_code(tmp_path: Path) -> None:
@@ -153,7 +178,9 @@ def test_the_client_cannot_import_the_repo_code(tmp_path: Path) -> None:
 
 
 def test_ray_gets_the_checkout_reqs_and_conda_file_in_its_runtime_env(cache: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ray")
+    need("ray")
+    from ray.runtime_env import RuntimeEnv
+
     from runmap.cluster.ray.cluster import RayCluster
 
     url, _ = make_repo(tmp_path / "repo", {**JOKES_FILES, "environment.yml": "dependencies:\n  - python=3.11\n"})
@@ -164,5 +191,60 @@ def test_ray_gets_the_checkout_reqs_and_conda_file_in_its_runtime_env(cache: Pat
     runtime_env = ray.runtime_env_for(env)
     root = cache / "git" / env.git.key  # type: ignore[union-attr]
     assert runtime_env["working_dir"] == str(root / "src")
-    assert runtime_env["pip"] == ["six", "pyjokes==0.8.3"]
-    assert runtime_env["conda"] == str(root / "environment.yml")
+    # Ray takes pip or conda, not both: the requirements go into the conda file's pip list.
+    assert "pip" not in runtime_env
+    assert runtime_env["conda"] == {"dependencies": ["python=3.11", "pip", {"pip": ["six", "pyjokes==0.8.3"]}]}
+    RuntimeEnv(**runtime_env)  # Ray's own checks accept it
+    # Without requirements, Ray reads the file itself; reqs alone go to pip.
+    bare = rm.env(name="conda-only", git=rm.GitRepo(url, path="src", conda_file="environment.yml"))
+    assert ray.runtime_env_for(bare)["conda"] == str(root / "environment.yml")
+    assert ray.runtime_env_for(rm.env(name="pip-only", git=rm.GitRepo(url, path="src", reqs_file="requirements.txt"))
+                               )["pip"] == ["pyjokes==0.8.3"]  # fmt: skip
+
+
+MAPPED_MODULE = '''
+def double(x):
+    return 2 * x
+
+
+class Ops:
+    @staticmethod
+    def triple(x):
+        return 3 * x
+
+
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def scale(self, x):
+        return self.factor * x
+'''
+
+
+def test_a_mapper_places_code_named_by_import_path(cluster: rm.LocalCluster, cache: Path, tmp_path: Path) -> None:
+    url, _ = make_repo(tmp_path / "repo", {"src/mapped_mod.py": MAPPED_MODULE})
+    env = rm.env(name="by-path", git=rm.GitRepo(url, path="src"))
+    # A function named by its path, placed by the mapper itself in the mapper's env.
+    with rm.mapper(rm.function("mapped_mod:double"), cluster=cluster, env=env, num_replicas=2) as m:
+        assert m.map(range(10), progress=False) == [2 * x for x in range(10)]
+        assert len(m.replicas) == 2 and {r.servlet.env.origin for r in m.replicas} == {"by-path"}
+    # method= names an attribute of what the path names.
+    with rm.mapper(rm.function("mapped_mod:Ops"), "triple", cluster=cluster, env=env, num_replicas=1) as m:
+        assert m.map([1, 2], progress=False) == [3, 6]
+    # A class named by its path: a method of an instance, either spelling; replicas build their own instance.
+    scaler = rm.module("mapped_mod:Scaler").to(cluster, env=env)(10)
+    with rm.mapper(scaler.scale, num_replicas=2) as m:
+        assert m.map(range(4), progress=False) == [0, 10, 20, 30] and len(m.replicas) == 2
+    with rm.mapper(scaler, "scale", num_replicas=2) as m:
+        assert m.map([5], progress=False) == [50]
+    # Without an env that has the code: the replica's ImportError names the module (when the map starts).
+    with pytest.raises(ImportError, match="mapped_mod"), rm.mapper(
+        rm.function("mapped_mod:double"), cluster=cluster, num_replicas=1
+    ) as m:
+        m.map([1], progress=False)
+    # A class itself is not something to map.
+    for cls in (rm.module("mapped_mod:Scaler"), rm.module("mapped_mod:Scaler").to(cluster, env=env)):
+        with pytest.raises(rm.ConfigError, match="cannot map over the class mapped_mod:Scaler: map a method of an"):
+            with rm.mapper(cls, cluster=cluster) as m:
+                m.map([1], progress=False)

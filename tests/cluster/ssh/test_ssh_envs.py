@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from envs.fakeconda import CONDA_YML, fake_conda_tool, recorded
 from envs.gitrepos import JOKES_FILES, make_repo
 from sshd_hosts import SshHosts
 
 import runmap as rm
 from runmap.cluster.ssh import SSHCluster
 from runmap.envs import git as rm_git
+from runmap.envs.conda import create_command
 
 HOSTS = ["host-a", "host-b"]
 
@@ -120,3 +123,64 @@ def test_an_unreachable_repository_and_a_missing_requirement_are_named(hosts: SS
     env = rm.env(name="bad", git=rm.GitRepo(url, reqs_file="requirements.txt"))
     with pytest.raises(rm.ClusterError, match="runmap-no-such-package-xyz"):
         rm.function(len).to(hosts, env=env)
+
+
+@pytest.fixture
+def conda_tools(ssh_hosts: SshHosts) -> Iterator[dict[str, Path]]:
+    """host-a: a stand-in micromamba in ~/.local/bin; host-b: a stand-in mamba whose env runs Python 3.99;
+    host-c: none. See tests/envs/fakeconda.py: only the solve and the download are not real."""
+    tools, made = {}, []
+    for alias, name, version in [("host-a", "micromamba", None), ("host-b", "mamba", "3.99.0")]:
+        home = ssh_hosts.host(alias).home
+        made.append(next((d for d in (home / ".local", home / ".local" / "bin") if not d.exists()), None))
+        tools[alias] = fake_conda_tool(home / ".local" / "bin", name, version, owner=ssh_hosts.host(alias).user)
+    try:
+        yield tools
+    finally:
+        for tool, first_made in zip(tools.values(), made, strict=True):
+            if first_made is not None:
+                shutil.rmtree(first_made)
+            else:
+                for path in (tool, tool.parent / "conda-argv.txt", tool.parent / "conda-file.yml"):
+                    path.unlink(missing_ok=True)
+
+
+def test_a_conda_file_is_built_on_the_host_with_the_hosts_conda_tool(
+    ssh_hosts: SshHosts, conda_tools: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNMAP_CACHE", str(tmp_path / "cache"))
+    url, _ = make_repo(tmp_path / "repo", {**JOKES_FILES, "environment.yml": CONDA_YML})
+    env = rm.env(name="conda", git=rm.GitRepo(url, path="src", reqs_file="requirements.txt",
+                                              conda_file="environment.yml"))  # fmt: skip
+    config = ssh_hosts.config
+    with rm.cluster("ssh", hosts=["host-a"], name="conda-a", config_file=config) as cluster:
+        with rm.mapper(rm.function("gitonly_jokes:joke_length"), cluster=cluster, env=env, num_replicas=2) as m:
+            results = m.map(range(10), progress=False)
+        info = cluster.host_info("host-a", env)  # type: ignore[attr-defined]
+    assert info.built and info.installer == "micromamba+uv"
+    # Both replicas ran in the env the host's tool made, with the reqs_file installed into it after.
+    assert {(ok, version, prefix) for _, ok, version, prefix in results} == {(True, "0.8.3", info.env_dir)}
+    argv, text = recorded(conda_tools["host-a"])
+    assert argv == create_command(str(conda_tools["host-a"]), info.env_dir, f"{info.env_dir}.environment.yml")
+    assert text == CONDA_YML
+    # Cached on the host: a later cluster builds nothing.
+    with rm.cluster("ssh", hosts=["host-a"], name="conda-a2", config_file=config) as cluster:
+        assert rm.function("gitonly_jokes:joke_length").to(cluster, env=env)(3)[0] == 3
+        assert cluster.host_info("host-a", env).built is False  # type: ignore[attr-defined]
+
+    # A conda file whose env runs another Python than the client's, with mamba's command line.
+    with rm.cluster("ssh", hosts=["host-b"], name="conda-b", config_file=config) as cluster:
+        ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        with pytest.raises(rm.ClusterError, match=rf"preparing host-b: env of environment.yml: its conda file gives "
+                                                  rf"Python 3\.99\.0, but the client runs Python {ours}; pin python="):
+            rm.function(len).to(cluster, env=env)
+    argv, _ = recorded(conda_tools["host-b"])
+    assert argv[:6] == [str(conda_tools["host-b"]), "env", "create", "--quiet", "--prefix", argv[5]]
+    assert ssh_hosts.run("host-b", f"test -e {argv[5]}").returncode == 1  # the failed env is not left behind
+
+    # A host with none of the tools: named, with what to install.
+    with rm.cluster("ssh", hosts=["host-c"], name="conda-c", config_file=config) as cluster:
+        said = "preparing host-c: building a conda env needs micromamba, mamba or conda, and none is on the PATH"
+        with pytest.raises(rm.ClusterError, match=f"{said} nor in ~/.local/bin.*install micromamba"):
+            rm.function(len).to(cluster, env=env)
+    ssh_hosts.assert_clean(within=15)
