@@ -314,7 +314,7 @@ class Pool:
             env=env or Env(name="pool"),
             retries=retries,
             stream_logs=stream_logs,
-        )
+        ).start()  # as multiprocessing.Pool's, the workers start with the pool
 
     # ------------------------------------------------------------- the API
 

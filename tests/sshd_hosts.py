@@ -473,6 +473,13 @@ def _check_machine() -> None:
 @pytest.fixture(scope="session")
 def ssh_hosts() -> Iterator[SshHosts]:
     """Three sshd hosts, host-a/b/c on 127.0.0.2/3/4, users rmhost1/2/3; see the module docstring."""
+    with running_hosts() as hosts:
+        yield hosts
+
+
+@contextlib.contextmanager
+def running_hosts() -> Iterator[SshHosts]:
+    """The hosts of :func:`ssh_hosts`, for a program that is not a test session (benchmarks/)."""
     _check_machine()
     with _session_lock():
         users = [_ensure_user(user) for _, _, user in HOSTS]

@@ -17,12 +17,13 @@ import secrets
 import threading
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from runmap import logs, registry
 from runmap.envs.env import Env
-from runmap.exceptions import ClusterError
+from runmap.exceptions import ClusterError, ConfigError
 from runmap.servlet import Servlet
 
 _open_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
@@ -121,6 +122,14 @@ class Cluster(ABC):
                 name = f"{env.name}_{n}"
             self._starting.setdefault(name, threading.Lock())
             return env if name == env.name else env.renamed(name)
+
+    def from_inside(self) -> Callable[[], Cluster]:
+        """How one of this cluster's servlets reaches the cluster itself: a picklable factory.
+
+        A Mapper placed on the cluster (:meth:`runmap.Mapper.to`) calls it in its
+        servlet to start its replicas there, placed as this cluster places them.
+        """
+        raise ConfigError(f"a Mapper cannot be placed on a {self.kind} cluster ({self.name!r})")
 
     # ------------------------------------------------------------- stopping
 

@@ -8,8 +8,10 @@ started in its own session with its configuration and token on stdin
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 
 from runmap.cluster.base import Cluster
 from runmap.cluster.process import SubprocessServlet, start_subprocess_servlet
@@ -61,6 +63,12 @@ class LocalCluster(Cluster):
         self.host = host
         self.max_body = max_body
         self.log_max_bytes = log_max_bytes
+
+    def from_inside(self) -> Callable[[], Cluster]:
+        """A local cluster of the servlet's own: on this machine, its servlets are this one's children."""
+        return functools.partial(
+            LocalCluster, f"{self.name}-inside", self.host, self.max_body, self.stream_logs, self.log_max_bytes
+        )
 
     def python_for(self, env: Env) -> str:
         """The interpreter a servlet of ``env`` runs on."""

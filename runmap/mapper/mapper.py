@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runmap import logs
 from runmap import serialization as ser
@@ -32,7 +32,11 @@ from runmap.mapper.provider import ReplicaProvider
 from runmap.mapper.run import MapRun, check_timeout, input_len, parse_options, zip_inputs
 from runmap.mapper.targets import resolve_target
 from runmap.mapper.tasks import FutureSink, Task
-from runmap.module import Remote, RemoteMethod
+from runmap.module import Function, Module, Remote, RemoteClass, RemoteInstance, RemoteMethod
+from runmap.server.state import FUNCTION
+
+if TYPE_CHECKING:
+    from runmap.mapper.remote import RemoteMapper
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
 
@@ -94,69 +98,160 @@ class Mapper:
         self.timeout = timeout
         self.retries = retries
         self.retry_exceptions = _retryable(retry_exceptions)
+        self._retry_spec = retry_exceptions
         self.replace_dead = replace_dead
+        self.liveness_timeout = liveness_timeout
+        self.method = mapped if isinstance(target, (RemoteMethod, RemoteInstance)) else None
         self._closed = False
         self._lock = threading.Lock()
         self._helpers: list[threading.Thread] = []
         self._early: list[Future[Any]] = []  # replicas' servlets started alongside the target's own
         self.replaced = 0  # dead replicas a replacement was started for, for the progress bar
+        # What to start, kept until first use: a Mapper placed elsewhere (:meth:`to`) starts nothing here.
+        self._target, self._method_arg, self._cluster, self._env = target, method, cluster, env
+        self._supplied, self._num_replicas, self._stream_logs = supplied, num_replicas, stream_logs
+        self._started = False
+        self._start_lock = threading.RLock()
+        self._start_error: BaseException | None = None
+        check_travels(target, cluster)  # a callable that cannot travel fails here, before anything starts
+        _open_mappers.add(self)
 
+    def to(self, cluster: Cluster, env: Env | None = None, lease: float = 10.0) -> RemoteMapper:
+        """Runs this Mapper on ``cluster`` instead of here, and returns a handle with its methods.
+
+        The Mapper then starts its replicas there, as a Mapper on the cluster would
+        be placed, and calls between it and its replicas stay inside the cluster: this
+        client only streams inputs up and results back. Only a Mapper not yet used
+        can move, over a function (a callable, or ``rm.function``) it places itself.
+
+        Args:
+            cluster: where the Mapper and its replicas run.
+            env: the replicas' env (default: the one given to ``rm.mapper``).
+            lease: seconds the Mapper waits without hearing from this client (it
+                sends a heartbeat every second) before it cancels its maps and ends
+                its replicas. A client process that dies takes the Mapper's servlet
+                with it at once.
+
+        Example:
+            >>> import runmap as rm
+            >>> with rm.mapper(lambda n: n ** n, num_replicas=2).to(rm.cluster()) as m:
+            ...     m.map([1, 2, 3, 4], progress=False)
+            [1, 4, 27, 256]
+        """
+        from runmap.mapper.remote import RemoteMapper
+
+        with self._start_lock:
+            if self._started or self._closed:
+                raise ConfigError("only a Mapper not yet used can be placed on a cluster: call .to() first")
+            if self._supplied or isinstance(self._target, (Remote, RemoteMethod, RemoteClass, Module)):
+                raise ConfigError(
+                    "a Mapper placed on a cluster starts its own replicas there: give it the function "
+                    "(a callable, or rm.function(...)), not replicas that run elsewhere"
+                )
+            self._closed = True  # this handle is spent: the Mapper lives on the cluster now
+        _open_mappers.discard(self)
+        options = {
+            "num_replicas": self._num_replicas,
+            "concurrency": self.concurrency,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "retry_exceptions": self._retry_spec,
+            "replace_dead": self.replace_dead,
+            "liveness_timeout": self.liveness_timeout,
+            "stream_logs": self._stream_logs,
+        }
+        name = _describe_target(self._target, self._method_arg)
+        return RemoteMapper(
+            cluster, self._target, self._method_arg, options, env or self._env, name, self.concurrency, lease
+        )
+
+    def start(self) -> Mapper:
+        """Places the target and starts the replicas now; otherwise the first use does. Returns the Mapper."""
+        self._ensure_started()
+        return self
+
+    def _ensure_started(self) -> None:
+        """Places the target and starts the replicas, once, on first use of the Mapper."""
+        if self._started:
+            return
+        with self._start_lock:
+            if self._start_error is not None:
+                raise self._start_error
+            if self._started:
+                return
+            self._check_open()
+            try:
+                self._start_replicas()
+            except BaseException as exc:
+                self._start_error = exc
+                self.close()
+                raise
+            self._started = True
+
+    def _start_replicas(self) -> None:
+        supplied, num_replicas = self._supplied, self._num_replicas
         plain_total = num_replicas or os.cpu_count() or 1  # the total if target is a plain callable
         extra = plain_total - 1 - len(supplied)
         try:
             # Only a plain callable is placed here, and only then do its replicas start early.
             remote, self.method, owned, plain = resolve_target(
-                target, method, cluster, env, lambda where, placed: self._start_early(where, placed, extra)
+                self._target,
+                self._method_arg,
+                self._cluster,
+                self._env,
+                lambda where, placed: self._start_early(where, placed, extra),
             )
         except BaseException:
             self._stop_early()
             raise
         self._prototype = remote
-        if not stream_logs:
+        if not self._stream_logs:
             logs.silence(remote, *supplied)
         if num_replicas is None:
             num_replicas = plain_total if plain else 1 + len(supplied)
-        self._pool = ReplicaPool(self.method, concurrency, retries, self._on_lost, liveness_timeout)
-        _open_mappers.add(self)
-        try:
-            self._pool.add(remote, owned)
-            for r in supplied:
-                self._pool.add(r, owned=False)
-            self.add_replicas(num_replicas - 1 - len(supplied))
-        except BaseException:
-            self.close()
-            raise
+        self._pool = ReplicaPool(self.method, self.concurrency, self.retries, self._on_lost, self.liveness_timeout)
+        self._pool.add(remote, owned)
+        for r in supplied:
+            self._pool.add(r, owned=False)
+        self._add_created(num_replicas - 1 - len(supplied))
 
     # -------------------------------------------------------------- replicas
 
     @property
     def replicas(self) -> list[Remote]:
         """The replicas in rotation now."""
+        self._ensure_started()
         return [r.remote for r in self._pool.alive]
 
     @property
     def num_replicas(self) -> int:
+        self._ensure_started()
         return len(self._pool.alive)
 
     def add_replicas(self, n_or_list: int | list[Remote | RemoteMethod]) -> list[Remote]:
         """Adds ``n`` replicas made by duplicating the target's env, or the given remote modules (or methods)."""
         self._check_open()
+        self._ensure_started()
         if isinstance(n_or_list, int):
-            if n_or_list <= 0:
-                return []
-            with ThreadPoolExecutor(max_workers=min(8, n_or_list), thread_name_prefix="runmap-start") as ex:
-                futures = [ex.submit(self._create_replica) for _ in range(n_or_list)]
-            created = [f.result() for f in futures if f.exception() is None]
-            for remote in created:
-                self._pool.add(remote, owned=True)
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                raise errors[0]  # type: ignore[misc]
-            return created
+            return self._add_created(n_or_list)
         supplied = [_as_replica(r, self.method) for r in n_or_list]
         for remote in supplied:
             self._pool.add(remote, owned=False)
         return supplied
+
+    def _add_created(self, n: int) -> list[Remote]:
+        """Starts ``n`` replicas by duplicating the target's env, in parallel."""
+        if n <= 0:
+            return []
+        with ThreadPoolExecutor(max_workers=min(8, n), thread_name_prefix="runmap-start") as ex:
+            futures = [ex.submit(self._create_replica) for _ in range(n)]
+        created = [f.result() for f in futures if f.exception() is None]
+        for remote in created:
+            self._pool.add(remote, owned=True)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        return created
 
     def _start_early(self, cluster: Cluster, env: Env, n: int) -> None:
         """Starts ``n`` replicas' servlets while the target's own starts: in parallel, not after it."""
@@ -267,6 +362,7 @@ class Mapper:
     def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """One call on the next free replica, as a :class:`concurrent.futures.Future`."""
         self._check_open()
+        self._ensure_started()
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         self._pool.submit(Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout))
@@ -278,6 +374,7 @@ class Mapper:
         """A map of ``items``, not yet started: it runs as its ``results()`` are read."""
         opts = parse_options(options)
         self._check_open()
+        self._ensure_started()
         return MapRun(self, mode, items, total, opts, ordered)
 
     # --------------------------------------------------------------- closing
@@ -294,10 +391,13 @@ class Mapper:
             self._closed = True
             helpers = list(self._helpers)
         _open_mappers.discard(self)
-        self._pool.close()
-        for thread in helpers:
-            thread.join(10)
-        self._pool.release_owned()
+        with self._start_lock:  # a start under way finishes first, so that its replicas end here
+            started = self._started or hasattr(self, "_pool")
+        if started:
+            self._pool.close()
+            for thread in helpers:
+                thread.join(10)
+            self._pool.release_owned()
         self._stop_early()
 
     def _check_open(self) -> None:
@@ -305,13 +405,33 @@ class Mapper:
             raise RunmapError("this Mapper is closed")
 
     def __enter__(self) -> Mapper:
+        self._ensure_started()  # errors of starting belong to the `with` line
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Mapper {self._prototype.module_name}.{self.method or '__call__'} replicas={self.num_replicas}>"
+        if not self._started:
+            return f"<Mapper of {self._target!r}, not started>"
+        return f"<Mapper {self._prototype.module_name}.{self.method or '__call__'} replicas={len(self._pool.alive)}>"
+
+
+def _describe_target(target: Any, method: str | None) -> str:
+    fn = target.fn if isinstance(target, Function) else target
+    name = fn.rpartition(":")[2] if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
+    name = name.replace("<", "").replace(">", "") or "fn"
+    return f"{name}.{method}" if method else name
+
+
+def check_travels(target: Any, cluster: Cluster | None) -> None:
+    """A plain callable that cannot be pickled fails when the Mapper is built, before anything starts."""
+    if isinstance(target, (Remote, RemoteMethod, RemoteClass, Module)):
+        return  # placed already, or refused with its own message on first use
+    fn = target.fn if isinstance(target, Function) else target
+    if isinstance(fn, str) or not callable(fn):
+        return  # imported in the replica, or refused with its own message on first use
+    ser.dump_module((FUNCTION, fn, (), {}), cluster.remote_files if cluster is not None else False)
 
 
 def _as_replica(replica: Any, method: str | None) -> Remote:

@@ -130,6 +130,7 @@ class MapRun:
         self.rerun = 0  # inputs run again, for the progress bar
         self.errors = 0  # failed inputs filed in their slots
         self.replaced_before = mapper.replaced
+        self.bar: Any = None  # where progress goes instead of a tqdm bar (a remote Mapper's tally)
 
     def cancel(self) -> None:
         """Ends the map from another thread: :meth:`results` returns at once, even mid-wait."""
@@ -137,7 +138,7 @@ class MapRun:
         self.sink.events.put(_WAKE)
 
     def results(self) -> Generator[Any, None, None]:
-        bar = Progress(self.opts.progress, self.total, _describe(self.mapper))
+        bar = self.bar if self.bar is not None else Progress(self.opts.progress, self.total, _describe(self.mapper))
         next_index = 0
         try:
             while not self.cancelled:

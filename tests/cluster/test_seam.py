@@ -54,7 +54,7 @@ def test_an_idle_replica_killed_is_noticed_within_half_a_second(cluster: rm.Loca
         assert victim.servlet.exit_status() == ExitStatus(ExitKind.SIGNALED, signal=9)
         # The cluster forgot it, and so did the registry that `runmap status` reads.
         assert victim.servlet not in cluster.servlets
-        [entry] = [e for e in registry.load() if e.name == cluster.name]
+        [entry] = [e for e in registry.load() if e.name == cluster.name and e.pid == os.getpid()]
         assert victim.name not in {s.name for s in entry.servlets}
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,20 @@ class RayCluster(Cluster):
             self._closed = True
             raise
 
+    def from_inside(self) -> Callable[[], Cluster]:
+        """The same Ray cluster, joined from one of its actors (which is connected already)."""
+        return functools.partial(
+            RayCluster,
+            "auto",
+            f"{self.name}-inside",
+            runtime_env=self.runtime_env,
+            spread=self.spread,
+            start_timeout=self.start_timeout,
+            allocation_timeout=self.allocation_timeout,
+            max_body=self.max_body,
+            stream_logs=self.stream_logs,
+        )
+
     # ------------------------------------------------------------ launching
 
     def actor_options(self, env: Env) -> dict[str, Any]:
@@ -156,8 +171,17 @@ class RayCluster(Cluster):
                 if isinstance(pip, str):  # a requirements file already: read it too
                     pip = requirement_lines(Path(pip))
                 runtime_env["pip"] = [*pip, *requirement_lines(repo / env.git.reqs_file)]
-            if env.git.conda_file:
-                runtime_env["conda"] = str(repo / env.git.conda_file)  # Ray's own conda support builds it
+            if env.git.conda_file:  # Ray's own conda support builds it
+                conda_file = repo / env.git.conda_file
+                pip = runtime_env.pop("pip", None)
+                if pip:  # Ray takes pip or conda, not both: the requirements join the file's own pip list
+                    from runmap.envs.conda import with_pip
+                    from runmap.envs.git import requirement_lines
+
+                    pip = requirement_lines(Path(pip)) if isinstance(pip, str) else pip
+                    runtime_env["conda"] = with_pip(conda_file.read_text(), pip)
+                else:
+                    runtime_env["conda"] = str(conda_file)
         return runtime_env
 
     def _launch(self, env: Env) -> Servlet:

@@ -34,7 +34,10 @@ env's lock it builds with ``uv`` (the client's own binary, copied once, when
 the client has one and the host runs the same OS on the same machine type;
 it trusts the host's certificate store, as the host's pip does, unless the
 user's environment sets ``UV_SYSTEM_CERTS``, ``UV_NATIVE_TLS`` or ``SSL_CERT_FILE``)
-or else ``python3 -m venv`` and ``pip``, checks that the env imports runmap,
+or else ``python3 -m venv`` and ``pip``; an env with a conda file is created by the
+host's micromamba, mamba or conda instead, with the client's own :mod:`runmap.envs.conda`
+(loaded from the shipped source), its Python checked against the client's minor version, and
+the pins and ``reqs`` installed into it the same way. It checks that the env imports runmap,
 cloudpickle and uvicorn, and writes the done marker last. A build that fails
 leaves no env behind and raises :class:`~runmap.exceptions.ClusterError`
 naming the host and quoting the tail of the tool's output.
@@ -82,7 +85,8 @@ class HostInfo:
 
     Attributes:
         python: the remote path of the env's interpreter.
-        python_version: its ``(major, minor, micro)``.
+        python_version: its ``(major, minor, micro)``; for a conda env, the client's major and minor
+            version (its build checked the env's against them) and micro 0.
         cpus: CPUs the host gives its user's processes (``sched_getaffinity``, else ``os.cpu_count``).
         memory_gb: the host's memory (``MemTotal``), in GiB.
         gpus: NVIDIA GPUs (``nvidia-smi -L``), 0 without the tool.
@@ -91,7 +95,8 @@ class HostInfo:
         seconds: how long the call took.
         host: the host, as the connection names it.
         env_dir: the env's remote directory.
-        installer: ``"uv"`` or ``"pip"`` if this call built the env, else ``""``.
+        installer: ``"uv"`` or ``"pip"`` if this call built the env (``"micromamba+uv"``... for a
+            conda env), else ``""``.
         timings: seconds per step (``probe``, ``ship``, ``uv venv``, ``uv pip install``...).
     """
 
@@ -200,7 +205,8 @@ print("runmap-json:" + json.dumps({
 }), flush=True)
 """
 
-# argv[1]: base64 of JSON {"cache", "key", "src", "python", "pins", "reqs", "uv": name or null}.
+# argv[1]: base64 of JSON {"cache", "key", "src", "python", "pins", "reqs", "uv": name or null,
+#          "conda": null or {"name", "text" of an environment.yml, "client_python": "3.11"}}.
 # stdin: a tar stream of what the host lacks (src/<hash>/..., bin/uv-<hash>).
 BUILD = r"""
 import base64, fcntl, json, os, shutil, subprocess, sys, tarfile, tempfile, time
@@ -271,20 +277,46 @@ if uv:
         subprocess.run([uv, "--version"], capture_output=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as e:
         note, uv = "the copied uv does not run here (%s): built with venv and pip" % e, None
+conda_file = a.get("conda")
+if conda_file:
+    # The client's own runmap/envs/conda.py (shipped above): the tool search and argv of a local build.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("runmap_conda", os.path.join(src, "runmap", "envs", "conda.py"))
+    conda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conda)
+    tool = conda.find_tool()
+    if tool is None:
+        out(error=conda.missing_message())
+    yml = env + ".environment.yml"
+    with open(yml, "w") as f:
+        f.write(conda_file["text"])
+    try:
+        step(os.path.basename(tool) + " create", conda.create_command(tool, env, yml))
+    finally:
+        os.unlink(yml)
+    version = step("python version", [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"]).strip()
+    why = conda.python_mismatch(version, conda_file["client_python"])
+    if why:
+        shutil.rmtree(env, ignore_errors=True)
+        out(error="env of %s: %s" % (conda_file["name"], why))
 if uv:
     installer = "uv"
-    step("uv venv", [uv, "venv", "--quiet", "--python", a["python"], env])
+    if not conda_file:
+        step("uv venv", [uv, "venv", "--quiet", "--python", a["python"], env])
     step("uv pip install", [uv, "pip", "install", "--quiet", "--python", python] + a["pins"] + a["reqs"])
 else:
     installer = "pip"
-    step("venv", [a["python"], "-m", "venv", env])
+    if not conda_file:
+        step("venv", [a["python"], "-m", "venv", env])
     step("pip install", [python, "-m", "pip", "install", "--quiet"] + a["pins"] + a["reqs"])
+if conda_file:
+    installer = os.path.basename(tool) + "+" + installer
 purelib = step("site-packages", [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
 with open(os.path.join(purelib, "_runmap_source.pth"), "w") as f:
     f.write(src + "\n")
 step("import check", [python, "-c", a["check"] + "; assert runmap.__file__.startswith(%r), runmap.__file__" % src])
 with open(os.path.join(env, "runmap-env.json"), "w") as f:
-    json.dump({k: a[k] for k in ("src", "python", "pins", "reqs")}, f, indent=1)
+    json.dump({k: a.get(k) for k in ("src", "python", "pins", "reqs", "conda")}, f, indent=1)
 with open(marker, "w") as f:
     f.write(installer + "\n")
 out(ok=True, built=True, env=env, installer=installer, note=note)
@@ -351,6 +383,9 @@ def pinned_requirements(markers: Mapping[str, str] | None = None) -> tuple[str, 
     host's environment) when ``packaging`` can evaluate it, else if it names no extra but
     one asked for; one that is not installed here is left to the host's installer.
     """
+    built = _built_with()
+    if built is not None:
+        return built
     try:
         root_reqs: Sequence[str] = [
             r for r in importlib.metadata.requires("runmap") or () if "extra" not in r.partition(";")[2]
@@ -373,6 +408,17 @@ def pinned_requirements(markers: Mapping[str, str] | None = None) -> tuple[str, 
         pins[key[0]] = f"{dist.metadata['Name']}=={dist.version}"
         queue.extend(_parse(r) for r in dist.requires or () if _wanted(r, extras, markers))
     return tuple(sorted(pins.values(), key=str.lower))
+
+
+def _built_with() -> tuple[str, ...] | None:
+    """The pins of the env this process runs in, if :func:`bootstrap` built it (runmap runs from
+    shipped source there, without its metadata). A servlet on a host that reaches other hosts (a Mapper placed
+    on the cluster) then asks for the very env the client built on each: it is found in their caches."""
+    try:
+        with open(os.path.join(sys.prefix, "runmap-env.json")) as f:
+            return tuple(json.load(f)["pins"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _parse(requirement: str) -> tuple[str, frozenset[str]]:
@@ -399,21 +445,27 @@ def _wanted(requirement: str, extras: frozenset[str], markers: Mapping[str, str]
     return not named or bool(named & extras)
 
 
-def env_key(source_hash: str, pins: Iterable[str], reqs: Iterable[str], host: Mapping[str, Any]) -> str:
-    """The name of an env on a host: what it holds, and the interpreter it is built from."""
-    body = json.dumps(
-        {
-            "src": source_hash,
-            "pins": sorted(pins),
-            "reqs": list(reqs),
-            "python": host["python_real"],
-            "version": list(host["version"]),
-            "implementation": host["implementation"],
-            "platform": host["platform"],
-            "libc": host["libc"],
-        },
-        sort_keys=True,
-    )
+def env_key(
+    source_hash: str, pins: Iterable[str], reqs: Iterable[str], host: Mapping[str, Any], conda_file: str | None = None
+) -> str:
+    """The name of an env on a host: what it holds, and the interpreter it is built from.
+
+    A conda env's interpreter is the conda file's: its text and the client's Python minor version
+    (which the build checks the env's against) take the host interpreter's place.
+    """
+    facts: dict[str, Any] = {
+        "src": source_hash,
+        "pins": sorted(pins),
+        "reqs": list(reqs),
+        "python": host["python_real"],
+        "version": list(host["version"]),
+        "implementation": host["implementation"],
+        "platform": host["platform"],
+        "libc": host["libc"],
+    }
+    if conda_file is not None:
+        facts.update(python="conda", version=list(sys.version_info[:2]), conda=conda_file)
+    body = json.dumps(facts, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -513,12 +565,16 @@ def bootstrap(
     python: str = "python3",
     cache: str | None = None,
     use_uv: bool = True,
+    conda_file: tuple[str, str] | None = None,
 ) -> HostInfo:
     """Prepares ``conn``'s host for servlets (once per env: see the module docstring).
 
     Args:
         conn: the host's connection.
         reqs: the env's requirement specifiers (``"numpy>=2"``), installed beside the pins.
+        conda_file: ``(name, text)`` of an ``environment.yml`` the env is built from, with the
+            host's micromamba, mamba or conda (found as :mod:`runmap.envs.conda` finds it locally),
+            in place of a venv of the host's ``python``; the pins and ``reqs`` go in after.
         python: the host's interpreter to build from (found on the remote ``PATH``).
         cache: the remote cache directory, absolute or relative to the remote home;
             default ``${XDG_CACHE_HOME:-$HOME/.cache}/runmap``.
@@ -546,7 +602,7 @@ def bootstrap(
             f"runmap needs {'.'.join(map(str, MIN_PYTHON))} or newer: pass python='python3.X' to use another"
         )
     pins = pinned_requirements(probe["markers"])
-    key = env_key(source.hash, pins, reqs, probe)
+    key = env_key(source.hash, pins, reqs, probe, conda_file[1] if conda_file else None)
     env_dir = f"{probe['cache']}/envs/{key}"
     built = False
     installer = ""
@@ -563,6 +619,10 @@ def bootstrap(
             "reqs": list(reqs),
             "uv": usable_uv,
             "check": IMPORT_CHECK,
+            "conda": None if conda_file is None else {
+                "name": conda_file[0], "text": conda_file[1],
+                "client_python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            },
         }
         encoded = base64.b64encode(json.dumps(build_args).encode()).decode()
         shipped = time.monotonic()
@@ -581,6 +641,8 @@ def bootstrap(
             )
         built = bool(result["built"])
         installer = str(result.get("installer", "")) if built else ""
+    if conda_file is not None:  # the env's own Python, whose minor version its build checked is the client's
+        version = (sys.version_info[0], sys.version_info[1], 0)
     return HostInfo(
         python=f"{env_dir}/bin/python",
         python_version=(version[0], version[1], version[2]),

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,10 @@ class SSHCluster(Cluster):
         self.hosts = list(hosts)
         self.max_body = max_body
         self.start_timeout = start_timeout
+        self.config_file = os.fspath(config_file) if config_file else None
+        self.key = os.fspath(key) if key else None
+        self.resources = resources
+        self._closers: list[Callable[[], None]] = []
         self._sockets = _socket_dir(uuid.uuid4().hex[:8])  # one per cluster: two of one name never collide
         self._connections: dict[str, SSHConnection] = {}
         self._infos: dict[tuple[str, str], HostInfo] = {}
@@ -153,7 +157,9 @@ class SSHCluster(Cluster):
             with self._lock:
                 info = self._infos.get(key)
             if info is None:
-                info = bootstrap(self._connections[host], env.reqs + _git_requirements(env))
+                info = bootstrap(
+                    self._connections[host], env.reqs + _git_requirements(env), conda_file=_git_conda_file(env)
+                )
                 with self._lock:
                     self._infos[key] = info
             return info
@@ -175,11 +181,6 @@ class SSHCluster(Cluster):
             return remote
 
     def _launch(self, env: Env) -> Servlet:
-        if env.git is not None and env.git.conda_file:
-            raise ConfigError(
-                f"env {env.name!r}: a conda_file is built on the local cluster and on Ray, not on SSH hosts yet; "
-                "use reqs_file"
-            )
         env.checked_working_dir()  # a ConfigError before a host is taken
         host = self.placement.place(env.name, env.compute)
         try:
@@ -253,6 +254,21 @@ class SSHCluster(Cluster):
 
     # ------------------------------------------------------------- closing
 
+    def from_inside(self) -> Callable[[], Cluster]:
+        """The same hosts, reached from the one a servlet runs on: the key and host keys travel along.
+
+        See :mod:`runmap.cluster.ssh.access`.
+        """
+        from runmap.cluster.ssh.access import FromInside, gather
+
+        options = {"resources": self.resources, "max_body": self.max_body, "stream_logs": self.stream_logs,
+                   "start_timeout": self.start_timeout}
+        return FromInside(tuple(gather(self.hosts, self.config_file, self.key)), f"{self.name}-inside", options)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback()`` once the cluster has closed its connections."""
+        self._closers.append(callback)
+
     def close(self) -> None:
         """Stops every servlet (each leaves, ending what it forked), then closes the connections."""
         super().close()
@@ -265,6 +281,9 @@ class SSHCluster(Cluster):
                     if done is not None:
                         print(f"runmap: closing the connection to {conn.host} failed: {done}", file=sys.stderr)
         shutil.rmtree(self._sockets, ignore_errors=True)
+        closers, self._closers = self._closers, []
+        for callback in closers:
+            callback()
 
     def describe_hosts(self) -> dict[str, Any]:
         """Each host's capacity, what is placed there, and whether it is lost."""
@@ -282,6 +301,15 @@ def _git_requirements(env: Env) -> tuple[str, ...]:
     from runmap.envs.git import checkout, requirement_lines
 
     return tuple(requirement_lines(checkout(env.git) / env.git.reqs_file))
+
+
+def _git_conda_file(env: Env) -> tuple[str, str] | None:
+    """A git env's ``conda_file``, read from its checkout on the client: (name, text)."""
+    if env.git is None or not env.git.conda_file:
+        return None
+    from runmap.envs.git import checkout
+
+    return env.git.conda_file, (checkout(env.git) / env.git.conda_file).read_text()
 
 
 def _close_quietly(conn: SSHConnection) -> BaseException | None:

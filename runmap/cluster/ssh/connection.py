@@ -280,6 +280,33 @@ def classify_exit(returncode: int, stderr_tail: str | bytes, master_alive: bool)
     return ExitStatus(ExitKind.EXITED, code=returncode)
 
 
+# The master runs under a guard shell that ends it when the client's end of the guard's stdin
+# closes: a client killed outright (SIGKILL, OOM) leaves no ssh master connected behind it.
+# (``ssh -N`` does not read stdin, and a death signal would follow the thread that forked, not
+# the process.) The guard exits with ssh's status, so the master's end is still seen at once.
+MASTER_GUARD = """
+exec 3<&0
+"$@" </dev/null >/dev/null 3<&- &
+ssh_pid=$!
+echo "$ssh_pid"
+exec 1>/dev/null
+{ read -r _ <&3; kill -TERM "$ssh_pid" 2>/dev/null; } &
+guard_pid=$!
+exec 3<&-
+wait "$ssh_pid"
+status=$?
+kill "$guard_pid" 2>/dev/null
+exit "$status"
+"""
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _signal_name(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -353,7 +380,8 @@ class SSHConnection:
         self._forwards: dict[Path, int] = {}
         self._seq = 0
         self._closed = False
-        self._master: subprocess.Popen[bytes] | None = None
+        self._master: subprocess.Popen[bytes] | None = None  # the guard shell, whose child is ssh
+        self._ssh_pid: int | None = None
         self._start_master(connect_timeout)
 
     # ------------------------------------------------------------------ ssh's arguments
@@ -427,14 +455,17 @@ class SSHConnection:
         log_fd = open_private(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             self._master = subprocess.Popen(
-                self._master_argv(connect_timeout),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                ["sh", "-c", MASTER_GUARD, "runmap-ssh-master", *self._master_argv(connect_timeout)],
+                stdin=subprocess.PIPE,  # never written: its end (this process's) ends the master
+                stdout=subprocess.PIPE,  # the guard says ssh's pid, and closes it
                 stderr=log_fd,
                 start_new_session=True,  # a Ctrl-C in the terminal is the client's to handle, not ssh's
             )
         finally:
             os.close(log_fd)
+        assert self._master.stdout is not None
+        with self._master.stdout:
+            self._ssh_pid = int(self._master.stdout.readline() or 0) or None
         deadline = time.monotonic() + connect_timeout + 5
         try:
             while True:
@@ -505,7 +536,8 @@ class SSHConnection:
 
     @property
     def master_pid(self) -> int | None:
-        return self._master.pid if self._master is not None else None
+        """The pid of the ssh master (under its guard shell, :data:`MASTER_GUARD`)."""
+        return self._ssh_pid if self._master is not None else None
 
     def alive(self) -> bool:
         """Whether the master runs and answers ``ssh -O check`` (False once the host is lost)."""
@@ -762,12 +794,14 @@ class SSHConnection:
             try:
                 master.wait(5)
             except subprocess.TimeoutExpired:
-                master.terminate()
+                _signal_group(master, signal.SIGTERM)  # the guard and ssh: a session of their own
                 try:
                     master.wait(5)
                 except subprocess.TimeoutExpired:
-                    master.kill()
+                    _signal_group(master, signal.SIGKILL)
                     master.wait()
+        if master.stdin is not None:
+            master.stdin.close()
 
     def _cleanup_files(self) -> None:
         self.control_path.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -111,6 +112,40 @@ def test_a_connection_to_each_host_is_one_master_of_ours(ssh_hosts: SshHosts, co
         assert not _children()
         assert not conn.control_path.exists()
         ssh_hosts.assert_clean(h.alias)
+
+
+KILLED_CLIENT = """
+import sys
+from runmap.cluster.ssh.connection import SSHConnection
+conn = SSHConnection("host-a", config_file=sys.argv[1], control_dir=sys.argv[2])
+print(conn.master_pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_client_killed_outright_leaves_no_master_connected(ssh_hosts: SshHosts, control_dir: Path) -> None:
+    client = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, str(ssh_hosts.config), str(control_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert client.stdout is not None and client.stdin is not None
+    try:
+        master = psutil.Process(int(client.stdout.readline()))
+        assert master.name() == "ssh" and any(p.name() == "sshd" for p in ssh_hosts.processes("host-a"))
+        client.kill()  # no close(), no atexit: only the guard's end of the pipe tells
+        client.wait(WAIT)
+        master.wait(WAIT)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        client.stdin.close()
+        client.stdout.close()
+    ssh_hosts.assert_clean("host-a", within=WAIT)
+    # The master removed its control socket as it ended; only its log stays, as a killed client leaves it.
+    left = sorted(p.name for p in control_dir.iterdir())
+    assert len(left) == 1 and left[0].endswith(".log"), left
+    (control_dir / left[0]).unlink()
 
 
 def test_a_session_never_logs_in_on_its_own_when_the_master_is_gone(ssh_hosts: SshHosts, connect: Connect) -> None:

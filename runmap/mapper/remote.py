@@ -1,0 +1,205 @@
+"""A Mapper that runs on the cluster: the client's handle (:meth:`runmap.Mapper.to`).
+
+The Mapper itself (:class:`~runmap.mapper.service.MapperService`) runs in a
+servlet on the cluster and starts its replicas there, so calls between it and
+its replicas stay inside the cluster; this handle only streams inputs up and
+results back, in windows the service grants, and shows the map's progress as
+the service counts it. A heartbeat tells the service its client is still
+there: a client that is gone has its maps cancelled within the service's
+lease, and a client process that dies takes the servlet with it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from runmap import serialization as ser
+from runmap.envs.env import Env
+from runmap.exceptions import RunmapError
+from runmap.mapper.progress import Progress
+from runmap.mapper.run import input_len, parse_options, zip_inputs
+from runmap.module import Function, RemoteInstance, module
+
+if TYPE_CHECKING:
+    from runmap.cluster.base import Cluster
+
+SERVICE = "runmap.mapper.service:MapperService"
+HEARTBEAT_SECONDS = 1.0
+WAIT_SECONDS = 0.5  # how long one exchange waits for a result when there is nothing to send
+
+
+class RemoteMapper:
+    """The client's handle on a Mapper placed on a cluster: the same methods as :class:`~runmap.Mapper`.
+
+    Built by ``rm.mapper(target, ...).to(cluster)``. ``close()`` (or leaving the
+    ``with`` block) ends the replicas and the servlet the Mapper runs in.
+    """
+
+    def __init__(self, cluster: Cluster, target: Any, method: str | None, options: dict[str, Any],
+                 env: Env | None, name: str, concurrency: int, lease: float) -> None:
+        self.cluster = cluster
+        self._name = name
+        base = env or Env(name=name)
+        # The Mapper's own servlet runs in the replicas' env (it unpickles their target) but asks for no compute.
+        self._env = cluster.unique_env(replace(base, compute={"CPU": 0}).renamed(f"{base.name}-mapper"))
+        self._closed = False
+        self._lock = threading.Lock()
+        self._calls: ThreadPoolExecutor | None = None
+        self._slots = concurrency
+        # The target travels as the replicas' would: by value where the cluster lacks the client's files.
+        fn = target.fn if isinstance(target, Function) and not isinstance(target.fn, str) else target
+        shipped = ser.dump_module(fn, cluster.remote_files)
+        self._service: RemoteInstance = module(SERVICE).to(cluster, env=self._env)(
+            shipped, method, {**options, "env": env}, cluster.from_inside(), lease
+        )
+        self.servlet = self._service.servlet
+        self._replicas = self._invoke("keepalive")
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"runmap-remote-heartbeat-{name}", daemon=True)
+        self._heartbeat.start()
+
+    # ---------------------------------------------------------------- calls
+
+    def _invoke(self, method: str, *args: Any) -> Any:
+        """A call of the service, on this thread's connection, always in a thread there (it may wait)."""
+        payload = ser.dump_call(ser.STAR, [args], None)
+        with_channel = self.servlet.channel()
+        outcome = ser.load_outcome(with_channel.call(self._service.module_name, method, payload, in_thread=True))
+        if outcome.errors:
+            raise outcome.errors[0].to_exception(None, self.servlet.name)
+        return outcome.results[0]
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._replicas = self._invoke("keepalive")
+            except Exception:  # the servlet is gone: the next call says why
+                return
+
+    # -------------------------------------------------------------- replicas
+
+    @property
+    def replicas(self) -> list[str]:
+        """The replicas in rotation on the cluster, as ``name@host`` (as of the last heartbeat)."""
+        return list(self._replicas)
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._replicas)
+
+    # ------------------------------------------------------------------ maps
+
+    def map(self, *iterables: Iterable[Any], **options: Any) -> list[Any]:
+        """As :meth:`runmap.Mapper.map`; the inputs stream up and the results back."""
+        return list(self.imap(*iterables, **options))
+
+    def starmap(self, iterable: Iterable[Iterable[Any]], **options: Any) -> list[Any]:
+        stars = (tuple(a) for a in iterable)
+        return list(self._run(ser.STAR, stars, input_len(iterable), options, ordered=True))
+
+    def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        return self._run(*zip_inputs(iterables), options, ordered=True)
+
+    def imap_unordered(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        return self._run(*zip_inputs(iterables), options, ordered=False)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """One call on the next free replica."""
+        self._check_open()
+        return self._invoke("call", args, kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        """One call on the next free replica, as a :class:`concurrent.futures.Future`."""
+        self._check_open()
+        with self._lock:
+            if self._calls is None:
+                slots = max(1, self.num_replicas * self._slots)
+                self._calls = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="runmap-remote-call")
+            calls = self._calls
+        return calls.submit(self._invoke, "call", args, kwargs)
+
+    def _run(self, mode: int, items: Iterator[Any], total: int | None, options: dict[str, Any],
+             ordered: bool) -> Iterator[Any]:
+        opts = parse_options(options)  # a bad option fails here, before anything is sent
+        self._check_open()
+        remote_options = {k: v for k, v in options.items() if k != "progress"}
+        return self._stream(mode, items, total, remote_options, opts.progress, ordered)
+
+    def _stream(self, mode: int, items: Iterator[Any], total: int | None, options: dict[str, Any],
+                progress: bool, ordered: bool) -> Iterator[Any]:
+        map_id, credit = self._invoke("open", mode, total, options, ordered)
+        bar = Progress(progress, total, self._name)
+        shown = 0
+        end = finished = False
+        source_error: Exception | None = None
+        try:
+            while True:
+                batch: list[Any] = []
+                if not end and credit > 0:
+                    try:
+                        batch.extend(islice(items, credit))
+                    except Exception as exc:  # raised after the results of the inputs before it, as map does
+                        source_error, end = exc, True
+                    end = end or len(batch) < credit
+                reply = self._invoke("exchange", map_id, batch, end, 0.0 if batch and not end else WAIT_SECONDS)
+                credit = reply.credit
+                bar.update(reply.tally.done - shown)
+                shown = reply.tally.done
+                bar.story(reply.tally.retried, reply.tally.replaced, reply.tally.errors)
+                yield from reply.results
+                if reply.finished:
+                    finished = True
+                    if reply.error is not None:
+                        raise reply.error
+                    if source_error is not None:
+                        raise source_error
+                    return
+        finally:
+            bar.close()
+            if not finished and not self._closed:
+                try:
+                    self._invoke("cancel", map_id)
+                except Exception:  # the servlet is gone; its maps went with it
+                    pass
+
+    # --------------------------------------------------------------- closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Ends the maps, the replicas and the Mapper's servlet. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            calls, self._calls = self._calls, None
+        self._stop.set()
+        self._heartbeat.join(5)
+        if calls is not None:
+            calls.shutdown(wait=False, cancel_futures=True)
+        try:
+            if not self.cluster.closed:
+                self._invoke("close")
+        finally:
+            if not self.cluster.closed:
+                self.cluster.stop_servlet(self.servlet)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RunmapError("this Mapper is closed")
+
+    def __enter__(self) -> RemoteMapper:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RemoteMapper {self._name} on {self.cluster.name} replicas={self.num_replicas}>"
