@@ -390,6 +390,46 @@ def test_a_mapper_placed_on_ray_maps_over_every_node(
     assert _wait_until(lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} <= before)
 
 
+KILLED_CLIENT = """
+import sys, time
+sys.path[:0] = sys.argv[2:]
+import runmap as rm
+from test_ray import node_of
+
+cluster = rm.cluster("ray", address=sys.argv[1], name="killed", stream_logs=False)
+placed = rm.mapper(node_of, num_replicas=3, env=rm.env(name="killed", compute={"CPU": 0.5})).to(cluster)
+for i, r in enumerate(placed.imap(range(10**6), chunksize=1, progress=False)):
+    if i == 50:
+        print("mid-map", flush=True)
+"""
+
+
+def _runmap_actors(prefix: str) -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
+@pytest.mark.allow_leaks
+def test_killing_the_client_of_a_placed_mapper_leaves_no_actor(nodes: RayTestCluster, on_ray: RayCluster) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    client = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, nodes.address, here, os.path.dirname(here)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert client.stdout is not None
+    try:
+        assert client.stdout.readline().strip() == "mid-map"
+        # The Mapper's actor and its three replicas (named for the cluster seen from inside).
+        assert len(_runmap_actors("runmap:killed")) == 4, _runmap_actors("runmap:")
+        client.kill()
+        client.wait(MAX_WAIT)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        client.stdout.close()
+    assert _wait_until(lambda: not _runmap_actors("runmap:killed"), timeout=30), _runmap_actors("runmap:killed")
+
+
 @pytest.mark.allow_leaks
 def test_removing_a_node_mid_map_loses_no_input(nodes: RayTestCluster, on_ray: RayCluster) -> None:
     target = rm.function(slow_where).to(on_ray, env=rm.env(name="survivor", compute={"CPU": 1}))
