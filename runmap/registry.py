@@ -92,9 +92,9 @@ def update(cluster: Cluster) -> None:
             "started": record.started,
             "servlets": servlets,
         }
-        details = getattr(cluster, "registry_details", None)  # a kind's own record (EC2: its instances)
-        if details is not None:
-            entry["details"] = details()
+        details = cluster.registry_details()  # a kind's own record (EC2: its instances)
+        if details:
+            entry["details"] = details
         try:
             _write(record.path, entry)
         except OSError:

@@ -123,6 +123,10 @@ class Cluster(ABC):
             self._starting.setdefault(name, threading.Lock())
             return env if name == env.name else env.renamed(name)
 
+    def registry_details(self) -> dict[str, Any]:
+        """What the kind records of itself beside its servlets, for ``runmap status`` (EC2: its instances)."""
+        return {}
+
     def from_inside(self) -> Callable[[], Cluster]:
         """How one of this cluster's servlets reaches the cluster itself: a picklable factory.
 
