@@ -22,7 +22,9 @@ from pathlib import Path
 
 from runmap import registry
 from runmap.cluster.process import STOP_GRACE  # seconds between SIGTERM and SIGKILL, as every cluster waits
+from runmap.logs import LogTail, read_whole
 from runmap.paths import runtime_dir
+from runmap.server.logfile import ROTATED_SUFFIX
 
 FOLLOW_POLL = 0.2
 
@@ -186,16 +188,23 @@ def cmd_logs(replica: str, cluster: str | None = None, lines: int | None = None,
         print(f"no log for replica {replica!r}{where}; `runmap status` lists the running ones", file=sys.stderr)
         return 1
     path, servlet = found
-    with open(path, "rb") as f:
-        data = f.read()
+    # What the log keeps: the file rotated away at its cap (<replica>.log.1), then the current one,
+    # read through a tail that follows the next rotations as the client's own stream does.
+    older = read_whole(path.with_name(path.name + ROTATED_SUFFIX))
+    tail = LogTail(path)
+    try:
+        data = older + tail.read_bytes(final=True)
         if lines is not None:
             data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines > 0 else b""
         _out(data)
         while follow and (servlet is None or servlet.alive):
             time.sleep(FOLLOW_POLL)
-            _out(f.read())
-        _out(f.read())
+            _out(tail.read_bytes())
+        _out(tail.read_bytes(final=True))
+    finally:
+        tail.close()
     return 0
+
 
 
 def find_log(replica: str, cluster: str | None = None) -> tuple[Path, registry.ServletEntry | None] | None:

@@ -64,10 +64,14 @@ READ_LIMIT = 1 << 20  # bytes read from one log per pass, so one chatty replica 
 
 
 @dataclass(eq=False)
-class _Followed:
-    servlet: Servlet
+class LogTail:
+    """A reader of one replica's log from byte ``offset`` on, across its rotations (see below).
+
+    The client's stream and ``runmap logs -f`` both read logs through it.
+    """
+
     path: Path
-    offset: int
+    offset: int = 0
     partial: bytes = b""
     file: IO[bytes] | None = field(default=None, repr=False)
     finished: bool = False  # the open file was rotated away: nothing more will be written to it
@@ -96,6 +100,15 @@ class _Followed:
             lines.append(self.partial)
             self.partial = b""
         return [line.decode(errors="replace").rstrip("\r") for line in lines]
+
+    def read_bytes(self, final: bool = False) -> bytes:
+        """What was written since the last read (all of it, if ``final``; else up to READ_LIMIT)."""
+        if not self.open():
+            return b""
+        try:
+            return self._read(final)
+        except OSError:
+            return b""
 
     def _read(self, final: bool) -> bytes:
         """Up to READ_LIMIT bytes (all, if ``final``), across rotations of the log.
@@ -208,6 +221,15 @@ def _try_open(path: Path) -> IO[bytes] | None:
         return None
 
 
+def read_whole(path: Path) -> bytes:
+    """A log file's content, never through a symlink; empty if there is none."""
+    f = _try_open(path)
+    if f is None:
+        return b""
+    with f:
+        return f.read()
+
+
 def _print(line: str) -> None:
     from tqdm.auto import tqdm
 
@@ -228,7 +250,7 @@ class LogStreamer:
     def __init__(self, write: Callable[[str], None] = _print, poll: float = POLL_SECONDS) -> None:
         self.write = write
         self.poll = poll
-        self._followed: dict[Servlet, _Followed] = {}
+        self._followed: dict[Servlet, LogTail] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -236,7 +258,7 @@ class LogStreamer:
     def follow(self, servlet: Servlet, path: Path, offset: int = 0) -> None:
         """Prints what ``servlet`` writes to ``path`` from byte ``offset`` on, until it stops."""
         with self._lock:
-            followed = _Followed(servlet, path, offset)
+            followed = LogTail(path, offset)
             followed.open()  # now, before the servlet can have rotated the file that offset is in
             previous = self._followed.pop(servlet, None)
             if previous is not None:
@@ -251,7 +273,7 @@ class LogStreamer:
         with self._lock:
             followed = self._followed.pop(servlet, None)
             if followed is not None:
-                self._pump(followed, final=True)
+                self._pump(servlet, followed, final=True)
         self._wake.set()
 
     @property
@@ -269,7 +291,7 @@ class LogStreamer:
                     return
                 for servlet, followed in list(self._followed.items()):
                     dead = not servlet.is_alive()  # asked first, so its last words are on disk
-                    active = self._pump(followed, final=dead) or active
+                    active = self._pump(servlet, followed, final=dead) or active
                     behind = behind or followed.behind
                     if dead:
                         del self._followed[servlet]
@@ -278,13 +300,13 @@ class LogStreamer:
             if not behind:
                 self._wake.wait(min(self.poll, ACTIVE_POLL_SECONDS) if active else self.poll)
 
-    def _pump(self, followed: _Followed, final: bool = False) -> bool:
+    def _pump(self, servlet: Servlet, followed: LogTail, final: bool = False) -> bool:
         """Prints the new lines of one log; whether there were any."""
         lines = followed.read_lines(final)
         if final:
             followed.close()
-        if lines and streams(followed.servlet):
-            name = followed.servlet.name
+        if lines and streams(servlet):
+            name = servlet.name
             for line in lines:
                 self.write(f"({name}) {line}")
         return bool(lines)

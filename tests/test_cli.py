@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,6 +230,78 @@ def test_logs_follow_ends_when_the_replica_does(tmp_path: Path, client: subproce
             follower.wait()
         assert follower.stdout is not None
         follower.stdout.close()
+
+
+CHATTY = textwrap.dedent(
+    """
+    import sys
+    import runmap as rm
+
+    def chatter(n):
+        for i in range(n):
+            print(f"line {i:06d} " + "x" * 60)
+        return n
+
+    with rm.LocalCluster(name="chatty", stream_logs=False, log_max_bytes=64 * 1024) as c:
+        talk = rm.function(chatter).to(c, env=rm.env(name="talker"))
+        talk(10)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        talk(int(sys.argv[1]))
+        print("said", flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+def test_logs_shows_what_the_log_keeps_and_follows_it_across_rotations(tmp_path: Path) -> None:
+    env = {**os.environ, "RUNMAP_HOME": str(tmp_path)}
+    n = 20_000  # ~1.5 MB through a 64 KiB cap: the log rotates some 20 times while it is followed
+    client = subprocess.Popen([sys.executable, "-c", CHATTY, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env, text=True)  # fmt: skip
+    follower = None
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        follower = subprocess.Popen([sys.executable, "-m", "runmap.cli", "logs", "talker", "-f"], env=env,
+                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert follower.stdout is not None
+        assert follower.stdout.readline().startswith("line 000000 ")
+        # Read as a terminal would, as it comes: a reader that stops reading holds the replica back
+        # only so long (runmap/server/logfile.py), then loses lines.
+        followed: list[str] = []
+        reader = threading.Thread(target=lambda: followed.extend(follower.stdout), name="test-follower-reader")
+        reader.start()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "said"
+        # What the log keeps now: the rotated file, then the current one, in order.
+        kept = runmap_cmd(tmp_path, "logs", "talker").stdout.splitlines()
+        numbers = [int(line.split()[1]) for line in kept]
+        assert numbers == list(range(numbers[0], n)) and len(kept) > 64 * 1024 // 80, (len(kept), numbers[:3])
+        last = runmap_cmd(tmp_path, "logs", "talker", "-n", "3").stdout.splitlines()
+        assert [int(line.split()[1]) for line in last] == [n - 3, n - 2, n - 1]
+        assert runmap_cmd(tmp_path, "down", "--all").returncode == 0
+        assert follower.wait(30) == 0
+        reader.join(10)
+        # Every line the replica printed while followed, once, in order, across the rotations.
+        assert [int(line.split()[1]) for line in followed] == list(range(1, 10)) + list(range(n))
+    finally:
+        for proc in (client, follower):
+            if proc is not None and proc.poll() is None:
+                if proc is client:
+                    proc.stdin.close()  # type: ignore[union-attr]
+                    try:
+                        proc.wait(30)
+                        continue
+                    except subprocess.TimeoutExpired:
+                        pass
+                proc.kill()
+                proc.wait()
+        for proc in (client, follower):
+            for pipe in (proc.stdin, proc.stdout) if proc is not None else ():
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
 
 
 def test_a_recycled_pid_is_not_taken_for_the_old_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
