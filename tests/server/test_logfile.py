@@ -17,7 +17,7 @@ import pytest
 import runmap as rm
 from runmap import logs
 from runmap.exceptions import ConfigError
-from runmap.logs import LogStreamer, _Followed
+from runmap.logs import LogStreamer, LogTail
 from runmap.paths import log_dir
 from runmap.server.logfile import RotatingLog, UnsafeLogError
 
@@ -171,7 +171,7 @@ def test_the_follower_reads_across_rotations_without_losing_or_repeating_a_line(
 
     log = CountingLog(path, 4096)
     log.write(b"before this launch\n")
-    followed = _Followed(_FakeServlet("r"), path, path.stat().st_size)  # type: ignore[arg-type]
+    followed = LogTail(path, path.stat().st_size)
     assert followed.open()
     received: list[str] = []
     n = 0
