@@ -27,6 +27,7 @@ from runmap.exceptions import (
 from runmap.executor import Executor
 from runmap.integrations import register_joblib
 from runmap.mapper import Mapper, mapper
+from runmap.mapper.remote import RemoteMapper
 from runmap.module import (
     Function,
     Module,
@@ -38,6 +39,7 @@ from runmap.module import (
     function,
     module,
 )
+from runmap.oneshot import run_map
 from runmap.pool import Pool
 
 __version__ = "0.1.0"
@@ -62,6 +64,7 @@ __all__ = [
     "RemoteError",
     "RemoteFunction",
     "RemoteInstance",
+    "RemoteMapper",
     "RemoteMethod",
     "ReplicaDiedError",
     "ReplicaError",
@@ -74,4 +77,5 @@ __all__ = [
     "mapper",
     "module",
     "register_joblib",
+    "run_map",
 ]
