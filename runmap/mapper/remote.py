@@ -54,10 +54,14 @@ class RemoteMapper:
         # The target travels as the replicas' would: by value where the cluster lacks the client's files.
         fn = target.fn if isinstance(target, Function) and not isinstance(target.fn, str) else target
         shipped = ser.dump_module(fn, cluster.remote_files)
-        self._service: RemoteInstance = module(SERVICE).to(cluster, env=self._env)(
-            shipped, method, {**options, "env": env}, cluster.from_inside(), lease
-        )
-        self.servlet = self._service.servlet
+        where = cluster.from_inside()  # before anything starts: an SSH host it cannot describe fails here
+        service = module(SERVICE).to(cluster, env=self._env)
+        self.servlet = service.servlet
+        try:
+            self._service: RemoteInstance = service(shipped, method, {**options, "env": env}, where, lease)
+        except BaseException:  # the replicas could not start (an AllocationError, say): nothing stays up
+            cluster.stop_servlet(self.servlet)
+            raise
         self._replicas = self._invoke("keepalive")
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name=f"runmap-remote-heartbeat-{name}", daemon=True)

@@ -390,6 +390,14 @@ def test_a_mapper_placed_on_ray_maps_over_every_node(
     assert _wait_until(lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} <= before)
 
 
+@pytest.mark.allow_leaks
+def test_a_placed_mapper_whose_replicas_fit_nowhere_says_so_and_leaves_nothing(on_ray: RayCluster) -> None:
+    before = _runmap_actors("runmap:")
+    with pytest.raises(rm.AllocationError, match="CPU"):
+        rm.mapper(node_of, num_replicas=2, env=rm.env(name="huge", compute={"CPU": 64})).to(on_ray)
+    assert _wait_until(lambda: _runmap_actors("runmap:") <= before), _runmap_actors("runmap:") - before
+
+
 KILLED_CLIENT = """
 import sys, time
 sys.path[:0] = sys.argv[2:]
