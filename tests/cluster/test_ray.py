@@ -390,12 +390,16 @@ def test_a_mapper_placed_on_ray_maps_over_every_node(
     assert _wait_until(lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} <= before)
 
 
+def _actor_names(prefix: str) -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
 @pytest.mark.allow_leaks
 def test_a_placed_mapper_whose_replicas_fit_nowhere_says_so_and_leaves_nothing(on_ray: RayCluster) -> None:
-    before = _runmap_actors("runmap:")
+    before = _actor_names("runmap:")
     with pytest.raises(rm.AllocationError, match="CPU"):
         rm.mapper(node_of, num_replicas=2, env=rm.env(name="huge", compute={"CPU": 64})).to(on_ray)
-    assert _wait_until(lambda: _runmap_actors("runmap:") <= before), _runmap_actors("runmap:") - before
+    assert _wait_until(lambda: _actor_names("runmap:") <= before), _actor_names("runmap:") - before
 
 
 KILLED_CLIENT = """
@@ -412,10 +416,6 @@ for i, r in enumerate(placed.imap(range(10**6), chunksize=1, progress=False)):
 """
 
 
-def _runmap_actors(prefix: str) -> set[str]:
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
-
-
 @pytest.mark.allow_leaks
 def test_killing_the_client_of_a_placed_mapper_leaves_no_actor(nodes: RayTestCluster, on_ray: RayCluster) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
@@ -427,7 +427,7 @@ def test_killing_the_client_of_a_placed_mapper_leaves_no_actor(nodes: RayTestClu
     try:
         assert client.stdout.readline().strip() == "mid-map"
         # The Mapper's actor and its three replicas (named for the cluster seen from inside).
-        assert len(_runmap_actors("runmap:killed")) == 4, _runmap_actors("runmap:")
+        assert len(_actor_names("runmap:killed")) == 4, _actor_names("runmap:")
         client.kill()
         client.wait(MAX_WAIT)
     finally:
@@ -435,7 +435,7 @@ def test_killing_the_client_of_a_placed_mapper_leaves_no_actor(nodes: RayTestClu
             client.kill()
             client.wait()
         client.stdout.close()
-    assert _wait_until(lambda: not _runmap_actors("runmap:killed"), timeout=30), _runmap_actors("runmap:killed")
+    assert _wait_until(lambda: not _actor_names("runmap:killed"), timeout=30), _actor_names("runmap:killed")
 
 
 @pytest.mark.allow_leaks
