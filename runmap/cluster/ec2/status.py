@@ -39,7 +39,7 @@ def status_lines(name: str, details: Mapping[str, Any], uptime: Callable[[float]
 
 def terminate(details: Mapping[str, Any]) -> list[str]:
     """Terminates the instances an EC2 cluster launched (from its registry entry); returns their ids."""
-    ids = [str(i["instance_id"]) for i in details.get("instances") or [] if i.get("launched")]
+    ids = sorted(str(i["instance_id"]) for i in details.get("instances") or [] if i.get("launched"))
     if ids:
         import boto3
 
