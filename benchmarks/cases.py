@@ -45,9 +45,13 @@ class Echo:
 
 
 def sizes(quick: bool) -> dict[str, int]:
+    # a_task: peers that run one task per item (Dask) get fewer items: their rate does not depend on the count.
+    # h: inputs of the scale case; j: inputs per unit of chunk size in the chunk-size sweep (capped at "a").
     if quick:
-        return {"a": 20_000, "b": 12, "c": 200, "d": 1_000, "d_ray": 300, "f": 100_000, "g": 10, "g_mb": 2}
-    return {"a": 200_000, "b": 60, "c": 2_000, "d": 10_000, "d_ray": 2_000, "f": 1_000_000, "g": 100, "g_mb": BLOB_MB}
+        return {"a": 20_000, "a_task": 500, "b": 12, "c": 200, "d": 1_000, "d_ray": 300, "f": 100_000, "g": 10,
+                "g_mb": 2, "h": 2_000, "j": 200}
+    return {"a": 200_000, "a_task": 2_000, "b": 60, "c": 2_000, "d": 10_000, "d_ray": 2_000, "f": 1_000_000,
+            "g": 100, "g_mb": BLOB_MB, "h": 10_000, "j": 2_000}
 
 
 def peak_rss_mb() -> float:
@@ -88,6 +92,39 @@ def ray_actors(ray: Any, n: int) -> list[Any]:
     return actors
 
 
+class Dask:
+    """A ``distributed.LocalCluster`` of ``n`` single-threaded worker processes, and its client."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.n = n
+
+    def __enter__(self) -> Any:
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(
+            n_workers=self.n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50
+        )
+        self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc: Any) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+def joblib_parallel(n: int, **kw: Any) -> Any:
+    """joblib's default backend (loky), as scikit-learn users get it; workers stay warm between calls."""
+    from joblib import Parallel
+
+    return Parallel(n_jobs=n, backend="loky", **kw)
+
+
+def joblib_map(parallel: Any, fn: Callable[[Any], Any], xs: Any) -> list[Any]:
+    from joblib import delayed
+
+    return parallel(delayed(fn)(x) for x in xs)  # type: ignore[no-any-return]
+
+
 def mp_pool(n: int) -> Any:
     import multiprocessing
 
@@ -117,15 +154,18 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def case_a(impl: str, n: dict[str, int]) -> dict[str, Any]:
     """Trivial items on 2 workers: items/s (start-up excluded)."""
-    xs = list(range(n["a"]))
+    xs = list(range(n["a_task"] if impl == "dask" else n["a"]))
+    small = xs[: n["a"] // 10]
     if impl == "runmap":
         with runmap_mapper(ident) as m:
             m.map(range(100), progress=False)  # replicas warm, as for every peer
             dt, out = timed(lambda: m.map(xs, progress=False))
+            dt_small, out_small = timed(lambda: m.map(small, progress=False))
     elif impl == "pool":
         with mp_pool(2) as p:
             p.map(ident, range(100))
             dt, out = timed(lambda: p.map(ident, xs))
+            dt_small, out_small = timed(lambda: p.map(ident, small))
     elif impl == "ppe":
         with ppe(2) as ex:
             list(ex.map(ident, range(100)))
@@ -138,9 +178,20 @@ def case_a(impl: str, n: dict[str, int]) -> dict[str, Any]:
             p.map(ident, range(100))
             dt, out = timed(lambda: p.map(ident, xs))
             p.terminate()
+    elif impl == "dask":
+        with Dask() as client:
+            client.gather(client.map(ident, range(100), pure=False))
+            dt, out = timed(lambda: client.gather(client.map(ident, xs, pure=False)))
+    elif impl == "joblib":
+        with joblib_parallel(2) as par:
+            joblib_map(par, ident, range(100))
+            dt, out = timed(lambda: joblib_map(par, ident, xs))
     else:
         raise SystemExit(f"no impl {impl}")
     check(out, xs, "a")
+    if impl in ("runmap", "pool"):  # (a) is also checked at a tenth of the items
+        check(out_small, small, "a")
+        return {"value": len(xs) / dt, "seconds": dt, "small": len(small) / dt_small}
     return {"value": len(xs) / dt, "seconds": dt}
 
 
@@ -188,6 +239,14 @@ def case_b(impl: str, n: dict[str, int]) -> dict[str, Any]:
             p.map(ident, [0, 1])
             dt, out = timed(lambda: p.map(spin, xs))
             p.terminate()
+    elif impl == "dask":
+        with Dask() as client:
+            client.gather(client.map(ident, [0, 1], pure=False))
+            dt, out = timed(lambda: client.gather(client.map(spin, xs, pure=False)))
+    elif impl == "joblib":
+        with joblib_parallel(2) as par:
+            joblib_map(par, ident, [0, 1])
+            dt, out = timed(lambda: joblib_map(par, spin, xs))
     else:
         raise SystemExit(f"no impl {impl}")
     check(out[:2], want, "b")
@@ -234,6 +293,9 @@ def case_c(impl: str, n: dict[str, int]) -> dict[str, Any]:
         with Ray() as ray:
             (a,) = ray_actors(ray, 1)
             return latencies(lambda i: ray.get(a.echo.remote(i)), count)
+    if impl == "dask":
+        with Dask(1) as client:
+            return latencies(lambda i: client.submit(ident, i, pure=False).result(), count)
     raise SystemExit(f"no impl {impl}")
 
 
@@ -242,7 +304,7 @@ def case_c(impl: str, n: dict[str, int]) -> dict[str, Any]:
 
 def case_d(impl: str, n: dict[str, int]) -> dict[str, Any]:
     """One call per input (chunksize 1), 2 workers, several calls in flight: calls/s."""
-    xs = list(range(n["d_ray"] if impl.startswith("ray") else n["d"]))
+    xs = list(range(n["d_ray"] if impl.startswith("ray") else n["a_task"] if impl == "dask" else n["d"]))
     if impl == "runmap":
         import runmap as rm
 
@@ -273,6 +335,14 @@ def case_d(impl: str, n: dict[str, int]) -> dict[str, Any]:
             p.map(ident, range(10))
             dt, out = timed(lambda: list(p.imap(ident, xs, chunksize=1)))
             p.terminate()
+    elif impl == "dask":
+        with Dask() as client:
+            client.gather(client.map(ident, range(100), pure=False))
+            dt, out = timed(lambda: client.gather(client.map(ident, xs, pure=False)))
+    elif impl == "joblib":
+        with joblib_parallel(2, batch_size=1, pre_dispatch="8") as par:
+            joblib_map(par, ident, range(100))
+            dt, out = timed(lambda: joblib_map(par, ident, xs))
     else:
         raise SystemExit(f"no impl {impl}")
     check(out, xs, "d")
@@ -283,39 +353,54 @@ def case_d(impl: str, n: dict[str, int]) -> dict[str, Any]:
 
 
 def case_e(impl: str, n: dict[str, int]) -> dict[str, Any]:
-    """From a fresh interpreter to the first result of a 2-worker map.
+    """A whole short script: a fresh interpreter maps 2 inputs on 2 workers, closes them, and exits.
 
     The parent passes the wall-clock time it started this process at in
-    ``BENCH_T0``; the figure includes interpreter start and every import.
+    ``BENCH_T0``; ``value`` (to the results) includes interpreter start and
+    every import, ``close`` is the time the workers took to end, and the
+    parent adds ``wall``: until this process has exited (its exit hooks too).
     """
     t0 = float(os.environ["BENCH_T0"])
-    xs = list(range(10))
+    xs = [0, 1]
     if impl == "runmap":
         import runmap as rm
 
-        with rm.mapper(ident, num_replicas=2) as m:
-            first = next(iter(m.imap(xs, progress=False)))
-            t = time.time()
+        m = rm.mapper(ident, num_replicas=2)
+        out, t = m.map(xs, progress=False), time.time()
+        m.close()
     elif impl == "pool":
-        with mp_pool(2) as p:
-            first = next(p.imap(ident, xs))
-            t = time.time()
+        p = mp_pool(2)
+        out, t = p.map(ident, xs), time.time()
+        p.terminate()  # what ``with Pool(2)`` does on leaving
+        p.join()
     elif impl == "ppe":
-        with ppe(2) as ex:
-            first = next(ex.map(ident, xs))
-            t = time.time()
+        ex = ppe(2)
+        out, t = list(ex.map(ident, xs)), time.time()
+        ex.shutdown()
     elif impl == "ray_actorpool":
-        with Ray() as ray:
-            from ray.util import ActorPool
+        ray_ctx = Ray()
+        ray = ray_ctx.__enter__()
+        from ray.util import ActorPool
 
-            actor = ray.remote(Echo)
-            pool = ActorPool([actor.remote() for _ in range(2)])
-            first = next(pool.map(lambda a, x: a.echo.remote(x), xs))
-            t = time.time()
+        actor = ray.remote(Echo)
+        pool = ActorPool([actor.remote() for _ in range(2)])
+        out, t = list(pool.map(lambda a, x: a.echo.remote(x), xs)), time.time()
+        ray_ctx.__exit__()
+    elif impl == "dask":
+        dask_ctx = Dask()
+        client = dask_ctx.__enter__()
+        out, t = client.gather(client.map(ident, xs, pure=False)), time.time()
+        dask_ctx.__exit__()
+    elif impl == "joblib":
+        from joblib.externals.loky import get_reusable_executor
+
+        out, t = joblib_map(joblib_parallel(2), ident, xs), time.time()
+        get_reusable_executor().shutdown(wait=True)  # else its workers idle on until the interpreter exits
     else:
         raise SystemExit(f"no impl {impl}")
-    check(first, 0, "e")
-    return {"value": t - t0}
+    closed = time.time()
+    check(out, xs, "e")
+    return {"value": t - t0, "close": closed - t}
 
 
 # ------------------------------------------------------------------ (f)
@@ -482,7 +567,133 @@ def case_g(impl: str, n: dict[str, int]) -> dict[str, Any]:
     return {"value": mb / dt, "seconds": dt}
 
 
-CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "f": case_f, "g": case_g}
+# ------------------------------------------------------------------ (h)
+
+# slots -> (replicas, concurrency) for runmap; a peer's slots are its worker processes.
+SLOT_SHAPES = {8: (2, 4), 64: (8, 8), 256: (16, 16), 1024: (64, 16)}
+
+
+def case_h(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Dispatch at scale: chunksize-1 calls of a trivial function over ``slots`` slots.
+
+    ``value`` is the wall time per input (µs, the per-input overhead), with the
+    client's threads during the map and its peak RSS (MB).
+    """
+    kind, slots = impl.rsplit("_", 1)
+    xs = list(range(n["h"]))
+    threads = 0
+
+    def run(imap: Callable[[], Iterator[Any]]) -> list[Any]:
+        nonlocal threads
+        out = []
+        for i, r in enumerate(imap()):
+            out.append(r)
+            if i == len(xs) // 2:
+                threads = threading.active_count()
+        return out
+
+    if kind == "runmap":
+        import runmap as rm
+
+        replicas, concurrency = SLOT_SHAPES[int(slots)]
+        with rm.mapper(ident, num_replicas=replicas, concurrency=concurrency) as m:
+            m.map(range(4 * int(slots)), chunksize=1, progress=False)
+            base = peak_rss_mb()
+            dt, out = timed(lambda: run(lambda: m.imap(xs, chunksize=1, progress=False)))
+    elif kind == "pool":
+        with mp_pool(int(slots)) as p:
+            p.map(ident, range(4 * int(slots)), chunksize=1)
+            base = peak_rss_mb()
+            dt, out = timed(lambda: run(lambda: p.imap(ident, xs, chunksize=1)))
+    else:
+        raise SystemExit(f"no impl {impl}")
+    check(out, xs, "h")
+    rss = peak_rss_mb()
+    return {"value": dt / len(xs) * 1e6, "threads": threads, "rss_mb": rss, "rss_growth_mb": rss - base}
+
+
+# ------------------------------------------------------------------ (i)
+
+
+class Pid:
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def case_i(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Idle worker memory: RSS (MB) of each of 2 workers, warmed by one small map, then idle."""
+    import psutil
+
+    def rss(pids: list[int]) -> dict[str, Any]:
+        time.sleep(0.5)  # idle
+        mbs = [psutil.Process(pid).memory_info().rss / 2**20 for pid in pids]
+        return {"value": max(mbs), "min": min(mbs)}
+
+    if impl == "runmap":
+        import runmap as rm
+
+        with rm.mapper(ident, num_replicas=2) as m:
+            m.map(range(100), progress=False)
+            return rss([r.servlet.pid for r in m.replicas])
+    if impl == "pool":
+        with mp_pool(2) as p:
+            p.map(ident, range(100))
+            return rss([w.pid for w in p._pool])  # type: ignore[attr-defined]
+    if impl == "joblib":
+        joblib_map(joblib_parallel(2), ident, range(100))
+        workers = [c for c in psutil.Process().children() if "resource_tracker" not in " ".join(c.cmdline())]
+        return rss([c.pid for c in workers])
+    if impl == "dask":
+        with Dask() as client:
+            client.gather(client.map(ident, range(100), pure=False))
+            return rss(list(client.run(os.getpid).values()))
+    if impl == "ray_actor":
+        with Ray() as ray:
+            actors = [ray.remote(Pid).remote() for _ in range(2)]
+            return rss(ray.get([a.pid.remote() for a in actors]))
+    raise SystemExit(f"no impl {impl}")
+
+
+# ------------------------------------------------------------------ (j)
+
+CHUNKS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def case_j(impl: str, n: dict[str, int]) -> dict[str, Any]:
+    """Trivial items on 2 workers at each fixed chunk size: items/s (``c<size>``), for the plot."""
+    out: dict[str, Any] = {}
+
+    def sweep(run: Callable[[list[int], int], list[Any]]) -> None:
+        for c in CHUNKS:
+            xs = list(range(min(n["a"], n["j"] * c)))
+            dt, got = timed(lambda: run(xs, c))  # noqa: B023 - called at once
+            check(got, xs, "j")
+            out[f"c{c}"] = len(xs) / dt
+
+    if impl == "runmap":
+        with runmap_mapper(ident) as m:
+            m.map(range(100), chunksize=1, progress=False)
+            sweep(lambda xs, c: m.map(xs, chunksize=c, progress=False))
+    elif impl == "pool":
+        with mp_pool(2) as p:
+            p.map(ident, range(100))
+            sweep(lambda xs, c: p.map(ident, xs, chunksize=c))
+    elif impl == "ppe":
+        with ppe(2) as ex:
+            list(ex.map(ident, range(100)))
+            sweep(lambda xs, c: list(ex.map(ident, xs, chunksize=c)))
+    elif impl == "joblib":
+        joblib_map(joblib_parallel(2), ident, range(100))
+        sweep(lambda xs, c: joblib_map(joblib_parallel(2, batch_size=c), ident, xs))
+    else:
+        raise SystemExit(f"no impl {impl}")
+    return {"value": out[f"c{CHUNKS[-1]}"], **out}
+
+
+CASES = {
+    "a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "f": case_f, "g": case_g,
+    "h": case_h, "i": case_i, "j": case_j,
+}
 
 
 def main() -> None:

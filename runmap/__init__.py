@@ -5,12 +5,20 @@ Example:
     >>> with rm.mapper(lambda n: n ** n, num_replicas=3) as m:
     ...     m.map([1, 2, 3, 4], progress=False)
     [1, 4, 27, 256]
+
+Names are imported when first used, not with the package: every servlet
+imports ``runmap`` too (``runmap.server`` lives in it), and the client's
+machinery (clusters, the Mapper, executors) would add a tenth of a second to
+each replica's start-up.
 """
 
 from __future__ import annotations
 
-from runmap.cluster import Cluster, LocalCluster, cluster
-from runmap.envs import Env, GitRepo, env
+import importlib
+import sys
+import types
+import typing
+
 from runmap.exceptions import (
     AllocationError,
     AuthError,
@@ -24,23 +32,27 @@ from runmap.exceptions import (
     RunmapError,
     SerializationError,
 )
-from runmap.executor import Executor
-from runmap.integrations import register_joblib
-from runmap.mapper import Mapper, mapper
-from runmap.mapper.remote import RemoteMapper
-from runmap.module import (
-    Function,
-    Module,
-    Remote,
-    RemoteClass,
-    RemoteFunction,
-    RemoteInstance,
-    RemoteMethod,
-    function,
-    module,
-)
-from runmap.oneshot import run_map
-from runmap.pool import Pool
+
+if typing.TYPE_CHECKING:
+    from runmap.cluster import Cluster, LocalCluster, cluster
+    from runmap.envs import Env, GitRepo, env
+    from runmap.executor import Executor
+    from runmap.integrations import register_joblib
+    from runmap.mapper import Mapper, mapper  # type: ignore[no-redef]
+    from runmap.mapper.remote import RemoteMapper
+    from runmap.module import (
+        Function,
+        Module,
+        Remote,
+        RemoteClass,
+        RemoteFunction,
+        RemoteInstance,
+        RemoteMethod,
+        function,
+        module,
+    )
+    from runmap.oneshot import run_map
+    from runmap.pool import Pool
 
 __version__ = "0.1.0"
 
@@ -79,3 +91,58 @@ __all__ = [
     "register_joblib",
     "run_map",
 ]
+
+# Where each lazily imported name lives.
+_LAZY = {
+    **dict.fromkeys(("Cluster", "LocalCluster", "cluster"), "runmap.cluster"),
+    **dict.fromkeys(("Env", "GitRepo", "env"), "runmap.envs"),
+    "Executor": "runmap.executor",
+    "register_joblib": "runmap.integrations",
+    **dict.fromkeys(("Mapper", "mapper"), "runmap.mapper"),
+    **dict.fromkeys(
+        ("Function", "Module", "Remote", "RemoteClass", "RemoteFunction", "RemoteInstance", "RemoteMethod",
+         "function", "module"),
+        "runmap.module",
+    ),
+    "Pool": "runmap.pool",
+    "RemoteMapper": "runmap.mapper.remote",
+    "run_map": "runmap.oneshot",
+}
+# Functions named as a submodule of this package: importing the submodule binds it to
+# that name here, so these are data descriptors of the package's class, which win.
+_SHADOWED = ("cluster", "mapper", "module")
+
+
+def _load(name: str) -> typing.Any:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name: str) -> typing.Any:
+        if name not in _LAZY:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = _load(name)
+        self.__dict__[name] = value
+        return value
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(__all__))
+
+
+def _shadowing(name: str) -> property:
+    cache: list[typing.Any] = []
+
+    def get(self: types.ModuleType) -> typing.Any:
+        if not cache:
+            cache.append(_load(name))
+        return cache[0]
+
+    def ignore(self: types.ModuleType, value: typing.Any) -> None:
+        pass  # the submodule, bound by the import system: the function keeps the name, as it always did
+
+    return property(get, ignore)
+
+
+for _name in _SHADOWED:
+    setattr(_Package, _name, _shadowing(_name))
+sys.modules[__name__].__class__ = _Package

@@ -8,6 +8,11 @@ Routes (all but ``GET /health`` demand the cluster's bearer token):
     DELETE /modules/{name}              drop it
     POST   /call/{module}/{method}      run a chunk of inputs; "__call__" for functions
 
+A client's dispatch connections carry their calls as binary frames instead,
+after one upgrade request that presents the token (frames.py): the same calls,
+run by :meth:`ServletApp.call_inline` and :meth:`ServletApp.call_in_thread`,
+answered with the same statuses, without an HTTP request's parsing per call.
+
 Payloads are pickles (``application/octet-stream``); errors are JSON
 ``{"detail": ...}`` with a 4xx status, and user exceptions travel inside the
 pickled outcome with a 200, so the transport can tell the two apart.
@@ -65,19 +70,46 @@ class ClientGone(Exception):
     """The client disconnected before the request body arrived."""
 
 
+TRIAL_MAX_SECONDS = 0.01  # a call that took at most this in a thread, nearly all of it waiting, ...
+TRIAL_EVERY = 8  # ... runs on the loop once in this many such calls, to see whether it was the GIL it waited for
+
+
 class CallPlacement:
-    """Remembers, per module method, whether its calls are short and CPU-bound."""
+    """Remembers, per module method, whether its calls are short and CPU-bound.
+
+    A call measured in a worker thread waits for the GIL while the loop serves
+    other connections (up to the interpreter's 5 ms switch interval), which
+    looks like a call that waits on I/O. So a method sent to the threads once
+    (the machine descheduled one of its calls) would stay there under load,
+    every thread-run call looking slow. A call that took little CPU and at
+    most ``TRIAL_MAX_SECONDS`` is therefore tried on the loop now and then:
+    there, with no thread to wait for, its measurement is exact.
+    """
 
     def __init__(self) -> None:
         self._inline: dict[tuple[str, str], bool] = {}
+        self._unclear: dict[tuple[str, str], int] = {}  # thread-run calls that may have waited for the GIL
 
     def inline(self, key: tuple[str, str]) -> bool:
-        return self._inline.get(key, False)
+        if self._inline.get(key, False):
+            return True
+        unclear = self._unclear.get(key, 0)
+        return unclear > 0 and unclear % TRIAL_EVERY == 0
 
-    def record(self, key: tuple[str, str], wall: float, cpu: float) -> None:
-        self._inline[key] = wall < INLINE_ALWAYS_SECONDS or (
-            wall < INLINE_MAX_SECONDS and cpu >= INLINE_MIN_CPU_SHARE * wall
-        )
+    def record(self, key: tuple[str, str], wall: float, cpu: float, contended: bool = False) -> None:
+        """Records a call's times; ``contended``: it ran on the loop while calls ran in threads.
+
+        Such a call may have waited for the GIL they held, which says nothing of the call:
+        unless it took over ``TRIAL_MAX_SECONDS``, it does not send its method to the threads.
+        """
+        short = wall < INLINE_ALWAYS_SECONDS or (wall < INLINE_MAX_SECONDS and cpu >= INLINE_MIN_CPU_SHARE * wall)
+        if contended and not short and wall < TRIAL_MAX_SECONDS and self._inline.get(key, False):
+            return
+        self._inline[key] = short
+        if not short and wall < TRIAL_MAX_SECONDS and cpu < INLINE_ALWAYS_SECONDS:
+            self._unclear[key] = self._unclear.get(key, 0) + 1
+        else:
+            self._unclear.pop(key, None)
 
 
 def _timed(fn: Callable[..., bytes], *args: Any) -> tuple[bytes, float, float]:
@@ -142,6 +174,7 @@ class ServletApp:
     def __init__(self, state: ServletState) -> None:
         self.state = state
         self.placement = CallPlacement()
+        self._threaded = 0  # calls running in worker threads now
         self._threads = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="runmap-call")
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -154,14 +187,9 @@ class ServletApp:
             await self._route(scope, receive, send)
         except ClientGone:
             return
-        except ProtocolError as exc:
-            await respond_json(send, exc.status or 400, {"detail": str(exc)})
-        except SerializationError as exc:
-            await respond_json(send, 422, {"detail": str(exc), "side": exc.side})
-        except BodyTooLarge as exc:
-            await respond_json(send, 413, {"detail": str(exc)})
         except Exception as exc:
-            await respond_json(send, 500, {"detail": f"servlet error: {exc!r}"})
+            status, detail = error_detail(exc)
+            await respond_json(send, status, detail)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -187,13 +215,38 @@ class ServletApp:
             raise ProtocolError("not found", 404)
 
     async def _call(self, module: str, method: str, body: bytes, send: Send, in_thread: bool = False) -> None:
-        key = (module, method)
-        if not in_thread and self.placement.inline(key):
-            result, wall, cpu = _off_the_loop(self.state.call, module, method, body)
+        if not in_thread and self.placement.inline((module, method)):
+            result = self.call_inline(module, method, body)
         else:
-            result, wall, cpu = await self._in_thread(_timed, self.state.call, module, method, body)
-        self.placement.record(key, wall, cpu)
+            result = await self.call_in_thread(module, method, body)
         await respond(send, 200, result)
+
+    def call_inline(self, module: str, method: str, body: bytes | memoryview) -> bytes:
+        """Runs a call on the loop's thread (see the module's docstring for when)."""
+        contended = self._threaded > 0
+        result, wall, cpu = _off_the_loop(self.state.call, module, method, body)
+        self.placement.record((module, method), wall, cpu, contended or self._threaded > 0)
+        return result
+
+    async def call_in_thread(self, module: str, method: str, body: bytes | memoryview) -> bytes:
+        self._threaded += 1
+        try:
+            result, wall, cpu = await self._in_thread(_timed, self.state.call, module, method, body)
+        finally:
+            self._threaded -= 1
+        self.placement.record((module, method), wall, cpu)
+        return result
+
+
+def error_detail(exc: Exception) -> tuple[int, dict[str, Any]]:
+    """The status and JSON detail a request that raised ``exc`` is answered with (HTTP or frame)."""
+    if isinstance(exc, ProtocolError):
+        return exc.status or 400, {"detail": str(exc)}
+    if isinstance(exc, SerializationError):
+        return 422, {"detail": str(exc), "side": exc.side}
+    if isinstance(exc, BodyTooLarge):
+        return 413, {"detail": str(exc)}
+    return 500, {"detail": f"servlet error: {exc!r}"}
 
 
 def _allow(method: str, *allowed: str) -> None:

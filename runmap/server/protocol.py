@@ -40,9 +40,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from runmap.server.frames import UPGRADE, FrameProtocol, upgrade_response
+
+if TYPE_CHECKING:
+    from runmap.server.app import ServletApp
 
 MAX_HEAD_BYTES = 64 << 10  # request line and headers, in bytes
 MAX_HEADERS = 100
@@ -130,6 +135,7 @@ class BoundedHttpToolsProtocol(_Base):
     """
 
     authorization: ClassVar[bytes]  # the Authorization header value that authenticates: b"Bearer <token>"
+    frames: ClassVar[tuple[ServletApp, int] | None] = None  # the app that serves call frames, and its body limit
     unauthenticated: ClassVar[dict[BoundedHttpToolsProtocol, None]]  # oldest first
     head_timeout: ClassVar[float] = HEAD_TIMEOUT
     max_head_bytes: ClassVar[int] = MAX_HEAD_BYTES
@@ -204,6 +210,25 @@ class BoundedHttpToolsProtocol(_Base):
             self._cancel_head_timer()
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
+    def _should_upgrade(self) -> bool:
+        # uvicorn's hook for websockets, which servlets do not serve: here, the switch of an
+        # authenticated connection to call frames (frames.py). Anything else is not an upgrade.
+        if self.frames is None or not self._authenticated:
+            return False
+        return any(name == b"upgrade" and value.lower() == UPGRADE for name, value in self.headers)
+
+    def handle_websocket_upgrade(self) -> None:
+        assert self.frames is not None
+        app, max_body = self.frames
+        self.connections.discard(self)
+        self._cancel_head_timer()
+        protocol = FrameProtocol(app, self.authorization[len(b"Bearer ") :], max_body)
+        self._coalescing.flush()
+        transport = self._coalescing._transport
+        transport.write(upgrade_response())
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a refused head was answered (431) and its connection closed
             super().send_400_response(msg)
@@ -228,10 +253,14 @@ class BoundedHttpToolsProtocol(_Base):
             timer.cancel()
 
 
-def bounded_protocol(token: str, head_timeout: float | None = None) -> type[BoundedHttpToolsProtocol]:
+def bounded_protocol(
+    token: str, head_timeout: float | None = None, frames: tuple[ServletApp, int] | None = None
+) -> type[BoundedHttpToolsProtocol]:
     """The protocol class of one servlet, whose requests carry ``Authorization: Bearer <token>``.
 
-    ``head_timeout`` defaults to ``$RUNMAP_HEAD_TIMEOUT``, or else ``HEAD_TIMEOUT``.
+    ``head_timeout`` defaults to ``$RUNMAP_HEAD_TIMEOUT``, or else ``HEAD_TIMEOUT``. With
+    ``frames`` (the servlet's app and body limit), an authenticated connection may switch to
+    call frames (frames.py).
     """
     if head_timeout is None:
         head_timeout = float(os.environ.get(HEAD_TIMEOUT_ENV, HEAD_TIMEOUT))
@@ -243,5 +272,7 @@ def bounded_protocol(token: str, head_timeout: float | None = None) -> type[Boun
         authorization = f"Bearer {token}".encode()
         unauthenticated = {}
         head_timeout = timeout
+
+    ServletHttpToolsProtocol.frames = frames
 
     return ServletHttpToolsProtocol

@@ -24,7 +24,6 @@ from typing import Any
 from runmap.server import logfile
 
 PARENT_POLL_SECONDS = 0.5
-EXIT_GRACE_SECONDS = 2.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -67,14 +66,17 @@ def watch_parent(on_gone: Any, stdin_watch: bool = True) -> None:
     threading.Thread(target=poll_parent, name="runmap-parent-watch", daemon=True).start()
 
 
-def _http_protocol(token: str) -> Any:
-    """httptools, writing each small response in one system call and bounding what a client
-    without ``token`` can make the servlet spend (protocol.py); uvicorn's choice without httptools."""
+def _http_protocol(token: str, app: Any) -> Any:
+    """httptools, writing each small response in one system call, bounding what a client
+    without ``token`` can make the servlet spend, and switching an authenticated connection
+    to call frames when asked (protocol.py, frames.py); uvicorn's choice without httptools."""
     try:
         from runmap.server.protocol import bounded_protocol
     except ImportError:
         return "auto"
-    return bounded_protocol(token)
+    from runmap.server.frames import frame_server
+
+    return bounded_protocol(token, frames=frame_server(app))
 
 
 def server_config(app: Any, token: str | None = None) -> Any:
@@ -100,7 +102,7 @@ def server_config(app: Any, token: str | None = None) -> Any:
         server_header=False,
         date_header=False,
         ws="none",  # no websocket routes; "auto" would import websockets (~45 ms of every start)
-        http=_http_protocol(token),
+        http=_http_protocol(token, app),
     )
 
 
@@ -148,14 +150,10 @@ def main() -> None:
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
     server = uvicorn.Server(server_config(app, config["token"]))
 
-    def shutdown() -> None:
-        server.should_exit = True
-        # If a user call is stuck, graceful shutdown never completes: leave anyway.
-        timer = threading.Timer(EXIT_GRACE_SECONDS, leave)
-        timer.name = "runmap-exit-grace"
-        timer.start()
-
-    watch_parent(shutdown)
+    # The client is gone, or asks this servlet to leave (it closed stdin): no one waits for
+    # an answer any more, so leave at once. uvicorn's graceful shutdown would first wait for
+    # its next tick (0.1 s) and for calls in flight, which the client has abandoned.
+    watch_parent(leave)
     sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
     # From here on, whatever user code prints goes to the servlet's log (capped: logfile.py).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -29,16 +29,21 @@ from runmap.exceptions import (
     ReplicaTimeoutError,
     SerializationError,
 )
+from runmap.transport import framing as frames
 from runmap.transport.endpoint import Endpoint
 
 CONNECT_TIMEOUT = 10.0
 SMALL_BODY = 64 << 10  # up to this, head and body go out in one send (one segment, one wake-up)
 RECV_SIZE = 64 << 10  # a reused receive buffer: no allocation (or mmap) per read
 MAX_HEAD = 64 << 10
-_NO_BODY_STATUSES = frozenset({204, 304})
+_NO_BODY_STATUSES = frozenset({101, 204, 304})
 # A peer machine that vanishes without closing its sockets (power loss, partition)
 # is noticed by TCP keepalive after about IDLE + INTERVAL * COUNT seconds.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+
+
+class _FramesRefused(Exception):
+    """The servlet did not switch the connection to frames (an older servlet): calls go over HTTP."""
 
 
 def set_keepalive(sock: socket.socket) -> None:
@@ -66,7 +71,10 @@ class HTTPChannel:
             f"Host: {host}\r\nAuthorization: Bearer {endpoint.token}\r\n"
             "Content-Type: application/octet-stream\r\n"
         ).encode()
+        self._token = endpoint.token.encode()
         self._sock: socket.socket | None = None
+        self._framed = False  # whether the connection now carries call frames (then only those)
+        self._frames_ok = True  # whether the servlet switches connections to frames
         self._timeout: float | None = None  # the socket's timeout now: setting it is a syscall
         self._buf = b""  # bytes received past the end of the last response
         self._recv_buf = bytearray(RECV_SIZE)
@@ -84,7 +92,15 @@ class HTTPChannel:
     def call(
         self, module: str, method: str | None, payload: bytes, timeout: float | None = None, in_thread: bool = False
     ) -> bytes:
-        path = f"/call/{quote(module, safe='')}/{quote(method or '__call__', safe='')}"
+        method = method or "__call__"
+        if self._frames_ok:
+            try:
+                return self._on_connection(
+                    lambda sock: self._frame_exchange(sock, module, method, payload, timeout, in_thread), framed=True
+                )
+            except _FramesRefused:
+                self._frames_ok = False  # a servlet without frames: calls go over HTTP
+        path = f"/call/{quote(module, safe='')}/{quote(method, safe='')}"
         if in_thread:
             path += "?thread"
         return self._request(b"POST", path, payload, timeout)
@@ -98,6 +114,7 @@ class HTTPChannel:
     def close(self) -> None:
         sock, self._sock = self._sock, None
         self._buf = b""
+        self._framed = False
         if sock is not None:
             sock.close()
 
@@ -138,11 +155,14 @@ class HTTPChannel:
         return sock
 
     def _request(self, method: bytes, path: str, body: bytes, timeout: float | None) -> bytes:
-        reused = self._sock is not None
-        if self._sock is None:
-            self._sock = self._connect()
+        return self._on_connection(lambda sock: self._exchange(sock, method, path, body, timeout), framed=False)
+
+    def _on_connection(self, exchange: Callable[[socket.socket], bytes], framed: bool) -> bytes:
+        """``exchange`` on the kept-alive connection, switched to frames or not as asked."""
+        reused = self._sock is not None and self._framed == framed
+        sock = self._socket(framed)
         try:
-            return self._exchange(self._sock, method, path, body, timeout)
+            return exchange(sock)
         except ReplicaDiedError:
             self.close()
             # A kept-alive connection can be closed under us (a servlet restart, an
@@ -150,9 +170,9 @@ class HTTPChannel:
             # servlet is really gone, that connect fails at once.
             if not reused or self._aborted:
                 raise
-            self._sock = self._connect()
+            sock = self._socket(framed)
             try:
-                return self._exchange(self._sock, method, path, body, timeout)
+                return exchange(sock)
             except BaseException:
                 self.close()
                 raise
@@ -160,6 +180,59 @@ class HTTPChannel:
             # A timeout or an interrupt leaves the connection mid-response: never reuse it.
             self.close()
             raise
+
+    def _socket(self, framed: bool) -> socket.socket:
+        """The connection, opened if need be, and switched to frames if ``framed`` (and back if not)."""
+        if self._sock is not None and self._framed != framed:
+            self.close()  # a framed connection carries calls only: HTTP needs a connection of its own
+        if self._sock is None:
+            sock = self._connect()
+            if framed:
+                try:
+                    self._upgrade(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+            self._sock, self._framed = sock, framed
+        return self._sock
+
+    def _upgrade(self, sock: socket.socket) -> None:
+        """Switches a fresh connection to call frames (runmap/server/frames.py), presenting the token."""
+        head = b"GET /frames HTTP/1.1\r\n%sConnection: Upgrade\r\nUpgrade: %s\r\nContent-Length: 0\r\n\r\n" % (
+            self._fixed_headers,
+            frames.UPGRADE,
+        )
+        with self._translate(None):
+            sock.sendall(head)
+            status, length, _ = self._read_head(sock)
+            data = b"" if status == 101 else self._read_body(sock, length)
+        if status == 101:
+            return
+        if status == 401:
+            self._raise_for_status(status, bytes(data))
+        raise _FramesRefused(status)
+
+    def _frame_exchange(
+        self, sock: socket.socket, module: str, method: str, payload: bytes, timeout: float | None, in_thread: bool
+    ) -> bytes:
+        head = frames.request_head(
+            self._token, module.encode(), method.encode(), len(payload), frames.IN_THREAD if in_thread else 0
+        )
+        with self._translate(timeout):
+            self._send(sock, head, payload, timeout)
+            buf = self._buf
+            while len(buf) < frames.RESPONSE.size:
+                n = sock.recv_into(self._recv_buf)
+                if not n:
+                    raise ConnectionResetError("the servlet closed the connection")
+                buf += self._recv_view[:n]
+            status, length = frames.RESPONSE.unpack_from(buf)
+            self._buf = buf[frames.RESPONSE.size :]
+            data = self._read_body(sock, length)
+        if status == 200:
+            return data
+        self._raise_for_status(status, bytes(data))
+        raise AssertionError("unreachable")
 
     def _exchange(self, sock: socket.socket, method: bytes, path: str, body: bytes, timeout: float | None) -> bytes:
         head = b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
@@ -169,14 +242,7 @@ class HTTPChannel:
             len(body),
         )
         with self._translate(timeout):
-            if timeout != self._timeout:
-                sock.settimeout(timeout)
-                self._timeout = timeout
-            if len(body) <= SMALL_BODY:
-                sock.sendall(head + body)
-            else:
-                sock.sendall(head)
-                sock.sendall(body)
+            self._send(sock, head, body, timeout)
             status, length, keep_alive = self._read_head(sock)
             data = self._read_body(sock, length)
         if not keep_alive:
@@ -185,6 +251,17 @@ class HTTPChannel:
             return data
         self._raise_for_status(status, bytes(data))
         raise AssertionError("unreachable")
+
+    def _send(self, sock: socket.socket, head: bytes, body: bytes, timeout: float | None) -> None:
+        """Sends a request: in one ``sendall`` if small, else head then body (never copied into one)."""
+        if timeout != self._timeout:
+            sock.settimeout(timeout)
+            self._timeout = timeout
+        if len(body) <= SMALL_BODY:
+            sock.sendall(head + body)
+        else:
+            sock.sendall(head)
+            sock.sendall(body)
 
     def _read_head(self, sock: socket.socket) -> tuple[int, int, bool]:
         buf = self._buf

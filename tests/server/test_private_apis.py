@@ -54,6 +54,8 @@ OVERRIDDEN = {
     "on_message_complete": ["self"],
     "on_response_complete": ["self"],
     "send_400_response": ["self", "msg"],
+    "_should_upgrade": ["self"],  # the switch to call frames (frames.py) rides uvicorn's websocket upgrade
+    "handle_websocket_upgrade": ["self"],
 }
 
 

@@ -1,0 +1,129 @@
+"""Call frames (runmap/server/frames.py): the channel's lean path, and the rules every frame keeps.
+
+Real servlet processes, real sockets: only a connection that presented the token
+switches to frames, every frame carries the token again, and a frame that breaks
+a rule (wrong token, a body over the limit, a malformed header) is refused and
+its connection closed, while the servlet goes on answering.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+import runmap as rm
+from runmap.exceptions import ProtocolError
+from runmap.transport import framing
+from runmap.transport.http import HTTPChannel
+
+MAX_BODY = 4096
+
+
+class Echo:
+    def echo(self, x: object) -> object:
+        return x
+
+
+@pytest.fixture
+def cluster() -> Iterator[rm.LocalCluster]:
+    with rm.LocalCluster(name="frames-test", max_body=MAX_BODY) as c:
+        yield c
+
+
+def _upgraded(servlet: rm.servlet.Servlet, token: str | None = None) -> socket.socket:  # type: ignore[name-defined]
+    sock = socket.create_connection(servlet.endpoint.address, timeout=10)  # type: ignore[arg-type]
+    auth = f"Authorization: Bearer {token or servlet.endpoint.token}\r\n"
+    sock.sendall(
+        f"GET /frames HTTP/1.1\r\nHost: x\r\n{auth}Connection: Upgrade\r\n"
+        f"Upgrade: {framing.UPGRADE.decode()}\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def _frame_response(data: bytes) -> tuple[int, bytes]:
+    status, length = framing.RESPONSE.unpack_from(data)
+    return status, data[framing.RESPONSE.size : framing.RESPONSE.size + length]
+
+
+def test_calls_travel_as_frames_and_fail_as_over_http(cluster: rm.LocalCluster) -> None:
+    echo = rm.module(Echo).to(cluster)()
+    servlet = echo.servlet
+    channel = HTTPChannel(servlet.endpoint)
+    try:
+        assert [echo.echo(i) for i in range(3)] == [0, 1, 2]
+        from runmap import serialization as ser
+
+        payload = ser.dump_call(ser.SINGLE, ["x"], None)
+        for in_thread in (False, True):
+            outcome = ser.load_outcome(channel.call(echo.module_name, "echo", payload, 5.0, in_thread))
+            assert outcome.results == ["x"]
+            assert channel._framed
+        with pytest.raises(ProtocolError, match="no module"):
+            channel.call("no-such-module", "echo", payload)
+        # HTTP requests still work on the same channel (a connection of their own), and calls after them.
+        assert channel.info()["name"] == servlet.name
+        assert ser.load_outcome(channel.call(echo.module_name, "echo", payload)).results == ["x"]
+    finally:
+        channel.close()
+
+
+def test_only_the_token_switches_a_connection(cluster: rm.LocalCluster) -> None:
+    servlet = rm.module(Echo).to(cluster)().servlet
+    sock = _upgraded(servlet, token="not-the-token")
+    try:
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 401 "), reply
+    finally:
+        sock.close()
+    sock = _upgraded(servlet)
+    try:
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 101 "), reply
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "status"),
+    [
+        (framing.request_head(b"wrong", b"m", b"echo", 3) + b"abc", 401),
+        (framing.REQUEST.pack(9, 0, 0, 0, 0, 0), 400),
+        (framing.REQUEST.pack(framing.VERSION, 0, framing.MAX_TOKEN + 1, 0, 0, 0), 400),
+    ],
+    ids=["wrong token", "unknown version", "token length over the bound"],
+)
+def test_a_frame_that_breaks_a_rule_is_refused_and_closed(cluster: rm.LocalCluster, frame: bytes, status: int) -> None:
+    echo = rm.module(Echo).to(cluster)()
+    sock = _upgraded(echo.servlet)
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(frame)
+        got, detail = _frame_response(_read_until_closed(sock))
+        assert got == status and "detail" in json.loads(detail)
+    finally:
+        sock.close()
+    assert echo.echo(7) == 7  # the servlet goes on
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(cluster: rm.LocalCluster) -> None:
+    echo = rm.module(Echo).to(cluster)()
+    sock = _upgraded(echo.servlet)
+    token = echo.servlet.endpoint.token.encode()
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(framing.request_head(token, echo.module_name.encode(), b"echo", 1 << 40))  # no body sent
+        got, detail = _frame_response(_read_until_closed(sock))
+        assert got == 413 and "over the limit" in json.loads(detail)["detail"]
+    finally:
+        sock.close()
+    assert echo.echo(8) == 8
