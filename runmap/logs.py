@@ -290,7 +290,7 @@ class LogStreamer:
                     self._thread = None
                     return
                 for servlet, followed in list(self._followed.items()):
-                    dead = not servlet.is_alive()  # asked first, so its last words are on disk
+                    dead = servlet.output_done()  # asked first, so its last words are on disk
                     active = self._pump(servlet, followed, final=dead) or active
                     behind = behind or followed.behind
                     if dead:

@@ -79,6 +79,10 @@ class Servlet:
     def is_alive(self) -> bool:
         return self.process.poll() is None
 
+    def output_done(self) -> bool:
+        """Whether all it will ever print is in its log (it ended, and its output was copied); never blocks."""
+        return self.process.output_done()
+
     def exit_status(self) -> ExitStatus | None:
         """``None`` while it runs; how it ended (data: code, signal, host lost, ...) once it has."""
         return self.process.poll()

@@ -275,8 +275,14 @@ def test_logs_shows_what_the_log_keeps_and_follows_it_across_rotations(tmp_path:
         client.stdin.write("go\n")
         client.stdin.flush()
         assert client.stdout.readline().strip() == "said"
-        # What the log keeps now: the rotated file, then the current one, in order.
-        kept = runmap_cmd(tmp_path, "logs", "talker").stdout.splitlines()
+        # What the log keeps: the rotated file, then the current one, in order (once the servlet's
+        # log writer has copied the last lines, which may come a moment after the call returned).
+        deadline = time.monotonic() + 10
+        while True:
+            kept = runmap_cmd(tmp_path, "logs", "talker").stdout.splitlines()
+            if (kept and kept[-1].startswith(f"line {n - 1:06d} ")) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         numbers = [int(line.split()[1]) for line in kept]
         assert numbers == list(range(numbers[0], n)) and len(kept) > 64 * 1024 // 80, (len(kept), numbers[:3])
         last = runmap_cmd(tmp_path, "logs", "talker", "-n", "3").stdout.splitlines()

@@ -61,6 +61,9 @@ class _FakeServlet:
     def is_alive(self) -> bool:
         return self.alive
 
+    def output_done(self) -> bool:
+        return not self.alive
+
 
 def test_the_streamer_prints_new_lines_only_and_ends_with_its_last_servlet(tmp_path: Path) -> None:
     log = tmp_path / "a.log"

@@ -98,7 +98,7 @@ class LocalCluster(Cluster):
             "log": str(log),  # the servlet writes it, capped at log_max_bytes (runmap/server/logfile.py)
             "log_max_bytes": self.log_max_bytes,
         }
-        proc, ready, log_start = start_subprocess_servlet(
+        proc, ready, log_start, _ = start_subprocess_servlet(
             servlet_command(python, sys.version_info[:2]),
             config,
             log,

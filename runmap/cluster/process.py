@@ -40,6 +40,7 @@ from typing import Any
 
 from runmap.exceptions import ClusterError
 from runmap.paths import open_private
+from runmap.server.logfile import LogCopier, RotatingLog
 
 STOP_GRACE = 3.0  # seconds between asking a servlet to leave and killing it, on every kind
 START_TIMEOUT = 60.0
@@ -134,6 +135,11 @@ class ServletProcess(ABC):
     def watch(self, callback: Callable[[], None]) -> None:
         """Calls ``callback`` (from another thread) once the process has ended."""
 
+    def output_done(self) -> bool:
+        """Whether all it will ever write is in its log: it ended (and, where a thread of this
+        client copies its output, the copy is complete). Never blocks: the log's reader asks it."""
+        return self.poll() is not None
+
     def release(self) -> None:  # noqa: B027 - most processes hold nothing
         """Frees what the handle holds (pipes, forwards) once the process has ended."""
 
@@ -145,6 +151,8 @@ class SubprocessServlet(ServletProcess):
         proc: the child; its stdin is the servlet's (closing it asks it to leave).
         describe_exit: turns the child's return code into an :class:`ExitStatus`
             (an SSH session's 255 is a lost host, not an exit code).
+        log_copier: the thread copying the child's stderr into ``log``, if one does
+            (:func:`start_subprocess_servlet`): once stopped, the log is complete when it is done.
     """
 
     def __init__(
@@ -156,8 +164,10 @@ class SubprocessServlet(ServletProcess):
         pid: int | None = None,
         describe_exit: Callable[[int], ExitStatus] = ExitStatus.from_returncode,
         on_release: Callable[[], None] | None = None,
+        log_copier: LogCopier | None = None,
     ) -> None:
         self.proc = proc
+        self.log_copier = log_copier
         self.log = log
         self.log_offset = log_offset
         self.host = host
@@ -173,8 +183,14 @@ class SubprocessServlet(ServletProcess):
         if self._status is None:
             code = self.proc.poll()
             if code is not None:
+                if self.log_copier is not None:
+                    self.log_copier.join(STOP_GRACE)  # its last words are in its log before anyone reads them
                 self._status = STOPPED if self._stopping else self._describe_exit(code)
         return self._status
+
+    def output_done(self) -> bool:
+        # Not poll(): that waits for the copier, which may be waiting for this very reader (a rotation).
+        return self.proc.poll() is not None and (self.log_copier is None or self.log_copier.done)
 
     def stop(self) -> None:
         with self._lock:
@@ -185,7 +201,7 @@ class SubprocessServlet(ServletProcess):
         _close(self.proc.stdin)
         if self.proc.poll() is None:
             try:
-                self.proc.wait(STOP_GRACE)
+                wait_exit(self.proc, STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -221,35 +237,43 @@ def start_subprocess_servlet(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     timeout: float = START_TIMEOUT,
-) -> tuple[subprocess.Popen[bytes], dict[str, Any], int]:
+    log_max_bytes: int | None = None,
+) -> tuple[subprocess.Popen[bytes], dict[str, Any], int, LogCopier | None]:
     """Starts ``argv`` as a servlet, hands it ``config`` on stdin and waits for its ready line.
 
-    Its stderr goes to ``log`` (appended, never through a symlink); it runs in
+    Its stderr goes to ``log`` (appended, never through a symlink): straight into the file,
+    or, with ``log_max_bytes``, through a pipe that a thread of this client copies into it
+    with the servlet's own rotation (an SSH session, whose servlet writes to its stderr). It runs in
     a session and process group of its own, so a Ctrl-C in the terminal reaches
     the client (which then cleans up), not the replicas half-way through a call.
 
     Returns:
-        the process, its ready line (``{"port": ..., "pid": ...}``), and the
-        offset in ``log`` where this launch's output starts.
+        the process, its ready line (``{"port": ..., "pid": ...}``), the
+        offset in ``log`` where this launch's output starts, and the copier (with
+        ``log_max_bytes``: join it before reading the log's last lines).
 
     Raises:
         ClusterError: it exited or said nothing within ``timeout``; the message
             ends with the tail of its log.
     """
     log_fd = open_private(log)
+    copier = None
     try:
         log_start = os.fstat(log_fd).st_size
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=log_fd,
+            stderr=log_fd if log_max_bytes is None else subprocess.PIPE,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
         )
     finally:
         os.close(log_fd)
+    if proc.stderr is not None and log_max_bytes is not None:
+        copier = LogCopier(os.dup(proc.stderr.fileno()), RotatingLog(log, log_max_bytes), f"runmap-log-{name}")
+        proc.stderr.close()
     assert proc.stdin is not None and proc.stdout is not None
     try:
         proc.stdin.write(json.dumps(dict(config)).encode() + b"\n")
@@ -263,9 +287,11 @@ def start_subprocess_servlet(
     if ready is None:
         code = proc.poll()
         _abandon(proc)
+        if copier is not None:
+            copier.join(STOP_GRACE)
         how = "it said nothing" if code is None else str(ExitStatus.from_returncode(code))
         raise ClusterError(f"servlet {name!r} did not start ({how}); its log {log} ends with:\n{tail(log)}")
-    return proc, ready, log_start
+    return proc, ready, log_start, copier
 
 
 def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
@@ -288,6 +314,31 @@ def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str,
     except ValueError:
         return None
     return ready if isinstance(ready, dict) and "port" in ready else None
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """``proc.wait(timeout)``, woken the moment the child exits.
+
+    ``Popen.wait`` with a timeout polls, sleeping up to 50 ms between looks; a
+    pidfd wakes ``poll`` as soon as the child ends (Linux 5.3+; elsewhere, the poll).
+
+    Raises:
+        subprocess.TimeoutExpired: it still runs after ``timeout`` seconds.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return proc.wait(timeout)
+    try:
+        if proc.returncode is not None:  # reaped by another thread: the pid may be another process's now
+            return proc.returncode
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(fd)
+    return proc.wait()
 
 
 def _abandon(proc: subprocess.Popen[bytes]) -> None:

@@ -193,6 +193,48 @@ def _open_quietly(path: str) -> int | None:
         return None
 
 
+class LogCopier:
+    """Copies what a pipe carries into ``log`` on a daemon thread, until every write end is closed.
+
+    The pipe and the log are closed at its end. A servlet copies its own output with it
+    (:class:`OutputCapture`); the client copies an SSH session's stderr with it, so that an
+    SSH replica's log is capped as a local one's is.
+    """
+
+    def __init__(self, read_fd: int, log: RotatingLog, name: str = "runmap-log-writer") -> None:
+        self.log = log
+        self._fd = read_fd
+        self._thread = threading.Thread(target=self._pump, name=name, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(self._fd, READ_SIZE)
+                except OSError:
+                    return
+                if not data:
+                    return  # every write end is closed
+                try:
+                    self.log.write(data)
+                except Exception:  # a dead writer would leave every print blocked on a full pipe
+                    pass
+        finally:
+            os.close(self._fd)
+            self.log.close()
+
+    @property
+    def done(self) -> bool:
+        """Whether the copy reached the pipe's end."""
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the copy to reach the pipe's end; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 class OutputCapture:
     """Sends fds 1 and 2 into a pipe that a daemon thread copies to ``log``."""
 
@@ -204,25 +246,11 @@ class OutputCapture:
             _flush(stream)
         if log.fd is not None:
             log.size = os.fstat(log.fd).st_size  # counting what was written through the launcher's descriptor
-        self._read_fd, write_fd = os.pipe()
-        self._thread = threading.Thread(target=self._pump, name="runmap-log-writer", daemon=True)
-        self._thread.start()
+        read_fd, write_fd = os.pipe()
+        self._copier = LogCopier(read_fd, log)
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
         os.close(write_fd)
-
-    def _pump(self) -> None:
-        while True:
-            try:
-                data = os.read(self._read_fd, READ_SIZE)
-            except OSError:
-                return
-            if not data:
-                return  # every write end is closed
-            try:
-                self.log.write(data)
-            except Exception:  # a dead writer would leave every print blocked on a full pipe
-                pass
 
     def close(self, timeout: float = DRAIN_SECONDS) -> None:
         """Writes what is left in the pipe to the log; fds 1 and 2 go to /dev/null from here on."""
@@ -237,10 +265,7 @@ class OutputCapture:
         os.dup2(devnull, 2)
         os.close(devnull)
         # The thread reads to end-of-file unless a process the user started still holds the pipe.
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            os.close(self._read_fd)
-            self.log.close()
+        self._copier.join(timeout)
 
 
 _capture: OutputCapture | None = None

@@ -48,6 +48,9 @@ class _FakeServlet:
     def is_alive(self) -> bool:
         return True
 
+    def output_done(self) -> bool:
+        return False
+
 
 # ------------------------------------------------------------------ the writer
 

@@ -41,6 +41,7 @@ from runmap.exceptions import ClusterError, ConfigError
 from runmap.paths import log_dir, private_dir, runtime_subdir
 from runmap.server.app import DEFAULT_MAX_BODY
 from runmap.server.command import servlet_command
+from runmap.server.logfile import MAX_LOG_BYTES
 from runmap.servlet import Servlet
 from runmap.transport.endpoint import Endpoint
 
@@ -64,6 +65,9 @@ class SSHCluster(Cluster):
             in place of what it reports.
         max_body: the largest request body a servlet accepts, in bytes.
         stream_logs: print what replicas print on this client's stdout, prefixed.
+        log_max_bytes: the cap on one replica's log file on this client (what its servlet and
+            session print), past which it is renamed ``<replica>.log.1``, as on the local
+            cluster. None: 64 MiB.
 
     Example:
         >>> import runmap as rm
@@ -87,6 +91,7 @@ class SSHCluster(Cluster):
         max_body: int = DEFAULT_MAX_BODY,
         stream_logs: bool = True,
         start_timeout: float = START_TIMEOUT,
+        log_max_bytes: int | None = None,
     ) -> None:
         if isinstance(hosts, str) or not hosts:
             raise ConfigError("hosts must be a non-empty list of host names, such as ['host-a', 'user@10.0.0.5:2222']")
@@ -96,6 +101,9 @@ class SSHCluster(Cluster):
         self.hosts = list(hosts)
         self.max_body = max_body
         self.start_timeout = start_timeout
+        if log_max_bytes is not None and log_max_bytes < 1:
+            raise ConfigError(f"log_max_bytes must be a positive number of bytes, not {log_max_bytes!r}")
+        self.log_max_bytes = log_max_bytes
         self.config_file = os.fspath(config_file) if config_file else None
         self.key = os.fspath(key) if key else None
         self.resources = resources
@@ -223,8 +231,9 @@ class SSHCluster(Cluster):
         # config, so their values show on no command line of the host.
         argv = ["env", "PYTHONUNBUFFERED=1", *servlet_command(info.python, info.python_version[:2])]
         config["env_vars"] = dict(env.env_vars)
-        proc, ready, log_start = start_subprocess_servlet(
-            conn.command(argv), config, log, name=env.name, timeout=self.start_timeout
+        proc, ready, log_start, copier = start_subprocess_servlet(
+            conn.command(argv), config, log, name=env.name, timeout=self.start_timeout,
+            log_max_bytes=self.log_max_bytes or MAX_LOG_BYTES,
         )
         sock = self._sockets / f"{hashlib.blake2b(env.name.encode(), digest_size=6).hexdigest()}.sock"
         try:
@@ -235,14 +244,15 @@ class SSHCluster(Cluster):
             raise
 
         def describe_exit(code: int) -> ExitStatus:
-            return conn.exit_status(code, tail(log, 5))
+            return conn.exit_status(code, tail(log, 5))  # the copier is done: the exit marker is on disk
 
         def on_release() -> None:
             self.placement.release(host, env.compute)
             conn.cancel_forward(sock, int(ready["port"]))
 
         process = SubprocessServlet(
-            proc, log, log_start, host=host, pid=int(ready["pid"]), describe_exit=describe_exit, on_release=on_release
+            proc, log, log_start, host=host, pid=int(ready["pid"]), describe_exit=describe_exit,
+            on_release=on_release, log_copier=copier,
         )
         process.watch(lambda: self._host_check(host))
         return Servlet(env, self, Endpoint(env.name, str(sock), self.token), process)

@@ -57,7 +57,14 @@ def connect(ssh_hosts: SshHosts, control_dir: Path) -> Iterator[Connect]:
 
 
 def _children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    alive = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:  # ended between the listing and the look (a master's guard shell)
+            pass
+    return alive
 
 
 def _config_with(ssh_hosts: SshHosts, tmp_path: Path, known_hosts: Path, extra: str = "") -> Path:

@@ -122,3 +122,28 @@ def test_a_compute_that_fits_nowhere_names_what_each_host_has(hosts: SSHCluster)
         rm.function(os.getpid).to(hosts, env=rm.env(name="huge", compute={"CPU": 64}))
     for alias in ALL:
         assert f"{alias} has CPU=2" in str(info.value)
+
+
+def chatter(n: int) -> int:
+    for i in range(n):
+        print(f"line {i:06d} " + "x" * 60)
+    return n
+
+
+def test_a_replicas_log_is_capped_on_the_client_and_streamed_whole(
+    ssh_hosts: SshHosts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cap, n = 64 * 1024, 20_000  # ~1.5 MB of output through a 64 KiB cap
+    with rm.cluster("ssh", hosts=["host-a"], name="capped", config_file=ssh_hosts.config, log_max_bytes=cap) as c:
+        talk = rm.function(chatter).to(c, env=rm.env(name="talker"))
+        assert talk(n) == n
+        log = talk.servlet.process.log
+        assert log is not None
+        files = sorted(log.parent.glob("talker.log*"))
+        assert [f.name for f in files] == ["talker.log", "talker.log.1"]
+        assert all(f.stat().st_size <= cap for f in files), [f.stat().st_size for f in files]
+    on_disk = [line for f in reversed(files) for line in f.read_text().splitlines() if line.startswith("line ")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("(talker) line ")]
+    assert int(on_disk[-1].split()[1]) == n - 1, on_disk[-3:]
+    assert [int(line.split()[2]) for line in lines] == list(range(n))
+    ssh_hosts.assert_clean(within=15)
