@@ -103,6 +103,8 @@ def check_requirements(reqs: Sequence[str], working_dir: str | None = None) -> N
     Raises:
         ConfigError: naming the requirement and what is wrong with it.
     """
+    if not reqs:
+        return  # no import of packaging (tens of ms) for the common env without requirements
     from packaging.requirements import InvalidRequirement, Requirement
 
     base = working_dir or os.getcwd()
