@@ -116,7 +116,7 @@ class Mapper:
         check_travels(target, cluster)  # a callable that cannot travel fails here, before anything starts
         _open_mappers.add(self)
 
-    def to(self, cluster: Cluster, env: Env | None = None, lease: float = 10.0) -> RemoteMapper:
+    def to(self, cluster: Cluster, env: Env | None = None, lease: float = 5.0) -> RemoteMapper:
         """Runs this Mapper on ``cluster`` instead of here, and returns a handle with its methods.
 
         The Mapper then starts its replicas there, as a Mapper on the cluster would

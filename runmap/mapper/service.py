@@ -34,7 +34,7 @@ from runmap.mapper.run import MapRun
 
 WINDOW = 2048  # inputs a client may have fed that the map has not yet taken (plus one batch it reads)
 RESULTS_PER_EXCHANGE = 4096
-LEASE_SECONDS = 10.0
+LEASE_SECONDS = 5.0
 _END = object()
 
 
