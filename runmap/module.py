@@ -75,11 +75,17 @@ def _closed(servlet: Servlet) -> ClusterError:
 
 
 def _single_call(
-    servlet: Servlet, module: str, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    servlet: Servlet,
+    module: str,
+    method: str | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    in_thread: bool = False,
 ) -> Any:
+    """One call on this thread's connection to ``servlet``; ``in_thread``: never on its event loop."""
     payload = ser.dump_call(ser.STAR, [args], kwargs)
     with _reaching(servlet) as channel:
-        outcome = ser.load_outcome(channel.call(module, method, payload))
+        outcome = ser.load_outcome(channel.call(module, method, payload, in_thread=in_thread))
     if outcome.errors:
         raise outcome.errors[0].to_exception(None, servlet.name)
     return outcome.results[0]

@@ -23,7 +23,7 @@ from runmap.envs.env import Env
 from runmap.exceptions import RunmapError
 from runmap.mapper.progress import Progress
 from runmap.mapper.run import input_len, parse_options, zip_inputs
-from runmap.module import Function, RemoteInstance, module
+from runmap.module import Function, RemoteInstance, _single_call, module
 
 if TYPE_CHECKING:
     from runmap.cluster.base import Cluster
@@ -71,12 +71,7 @@ class RemoteMapper:
 
     def _invoke(self, method: str, *args: Any) -> Any:
         """A call of the service, on this thread's connection, always in a thread there (it may wait)."""
-        payload = ser.dump_call(ser.STAR, [args], None)
-        with_channel = self.servlet.channel()
-        outcome = ser.load_outcome(with_channel.call(self._service.module_name, method, payload, in_thread=True))
-        if outcome.errors:
-            raise outcome.errors[0].to_exception(None, self.servlet.name)
-        return outcome.results[0]
+        return _single_call(self.servlet, self._service.module_name, method, args, None, in_thread=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):

@@ -34,7 +34,6 @@ from runmap.mapper.run import MapRun
 
 WINDOW = 2048  # inputs a client may have fed that the map has not yet taken (plus one batch it reads)
 RESULTS_PER_EXCHANGE = 4096
-LEASE_SECONDS = 5.0
 _END = object()
 
 
@@ -174,11 +173,11 @@ class MapperService:
         make_cluster: the cluster this servlet runs on, seen from inside it
             (:meth:`runmap.cluster.base.Cluster.from_inside`): the replicas start there.
         lease: seconds without a call from the client after which its maps are
-            cancelled and the replicas released.
+            cancelled and the replicas released (the default is :meth:`Mapper.to`'s).
     """
 
     def __init__(self, target: bytes, method: str | None, options: dict[str, Any],
-                 make_cluster: Callable[[], Cluster], lease: float = LEASE_SECONDS) -> None:
+                 make_cluster: Callable[[], Cluster], lease: float) -> None:
         self.cluster = make_cluster()
         try:
             self.mapper = Mapper(ser.loads(target), method, cluster=self.cluster, **options).start()
