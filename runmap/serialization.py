@@ -67,7 +67,7 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
-    if data[:4] == FRAME_MAGIC:
+    if data[:4] == FRAME_MAGIC if isinstance(data, memoryview) else data.startswith(FRAME_MAGIC):
         return _loads_frame(memoryview(data))
     return pickle.loads(data)
 
@@ -280,8 +280,9 @@ def _errors_to_wire(errors: dict[int, ErrorInfo]) -> dict[int, tuple[bytes | Non
 
 def load_outcome(data: bytes | bytearray | memoryview) -> Outcome:
     results, errors = loads(data)
-    wire = errors or {}
-    return Outcome(results, {i: ErrorInfo(*e) for i, e in wire.items()})
+    if not errors:
+        return Outcome(results, {})
+    return Outcome(results, {i: ErrorInfo(*e) for i, e in errors.items()})
 
 
 # ------------------------------------------------------------------- modules

@@ -13,7 +13,7 @@ attempt: the replica failed, not the input), and a replacement is started.
 
 The same probe tells a timed-out call on a frozen replica (retried) from one
 on a healthy replica (the input was too slow: it fails alone), see
-:meth:`ReplicaPool._timed_out`.
+:meth:`ReplicaPool.timed_out`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
       │
       ├── MapRun (run.py): one map's input window, chunks and ordered results
       │
-      └── ReplicaPool (pool.py): shared TaskQueue ─► slot threads ─► servlets
+      └── ReplicaPool (pool.py): shared TaskQueue ─► dispatch thread (dispatch.py) ─► servlets
 
 The Mapper knows nothing of how a map's results are ordered, and a map knows
 nothing of how replicas are started or replaced: each piece can be tested alone.
@@ -322,12 +322,12 @@ class Mapper:
             checkpoint: a file path: save each result as it arrives, and on a
                 later run of the same map skip the inputs already saved.
         """
-        return list(self.imap(*iterables, **options))
+        return _collect(self._start(*zip_inputs(iterables), options, ordered=True))
 
     def starmap(self, iterable: Iterable[Iterable[Any]], **options: Any) -> list[Any]:
         """Like ``itertools.starmap``: each input is a tuple of arguments."""
         stars = (tuple(a) for a in iterable)
-        return list(self._start(ser.STAR, stars, input_len(iterable), options, ordered=True).results())
+        return _collect(self._start(ser.STAR, stars, input_len(iterable), options, ordered=True))
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """Results in input order, as they become available; inputs are read lazily."""
@@ -468,3 +468,15 @@ def _retryable(
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive int, not {value!r}")
+
+
+def _collect(run: MapRun) -> list[Any]:
+    """Every result of ``run`` in a list, a chunk at a time."""
+    out: list[Any] = []
+    chunks = run.result_chunks()
+    try:
+        for chunk in chunks:
+            out += chunk
+    finally:
+        chunks.close()
+    return out

@@ -1,16 +1,19 @@
-"""The replicas of a Mapper and the slot threads that feed them.
+"""The replicas of a Mapper and what feeds them.
 
-    Mapper.map ──► TaskQueue ──► slot threads (concurrency per replica, one
-                   (shared)       channel each) ──► servlet ──► Sink of the task
-                      ▲                 │
+    Mapper.map ──► TaskQueue ──► dispatch thread (dispatch.py): one framed connection
+                   (shared)      per replica, ``concurrency`` calls in flight on each
+                      ▲                 │           ──► servlet ──► Sink of the task
                       └── re-queued ◄───┘ when the replica died under the task
 
-Every slot pulls the next task from one shared queue when it is free, so a
+The dispatch thread sends the next task to whichever replica has room, so a
 slow input never holds back inputs another replica could take, and a replica
-never has more than ``concurrency`` calls in flight.
+never has more than ``concurrency`` calls in flight. A replica whose servlet
+cannot carry several calls on one connection (an in-process test servlet, a
+servlet of an older runmap) gets slot threads instead: ``concurrency`` threads,
+one blocking channel each, pulling from the same queue.
 
-A replica that dies is retired at once: its slots stop pulling, the task it
-lost goes back to the front of the queue (at-least-once), and the pool asks
+A replica that dies is retired at once: it gets no more tasks, the tasks it
+lost go back to the front of the queue (at-least-once), and the pool asks
 its owner for a replacement. When no replica is left and none is coming, the
 pool is *broken*: every queued and future task fails with a
 ``ReplicaDiedError`` that says what happened to each replica.
@@ -18,20 +21,24 @@ pool is *broken*: every queued and future task fails with a
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Union
 
 from runmap import serialization as ser
-from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
+from runmap.exceptions import ReplicaDiedError, ReplicaError, ReplicaTimeoutError, SerializationError
+from runmap.mapper.dispatch import Dispatcher, Lane
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT, LivenessMonitor, probe
 from runmap.mapper.provider import ReplicaProvider
 from runmap.mapper.tasks import Task, TaskQueue
 from runmap.module import Remote
 from runmap.servlet import Servlet
 from runmap.transport.base import Channel
+from runmap.transport.http import FramesRefused, status_error
 
 EXIT_WAIT = 1.0  # how long to wait for a dead replica's exit code
 PROBE_TIMEOUT = 2.0  # how long a replica whose call timed out has to answer a health probe
@@ -48,8 +55,8 @@ class Replica:
     frozen: bool = False  # retired for not answering health probes
     timed_out: bool = False  # killed because a call outlived its timeout (while answering probes)
     reason: str = ""
-    slots: list[threading.Thread] = field(default_factory=list)
-    channels: list[Channel] = field(default_factory=list)
+    slots: list[threading.Thread] = field(default_factory=list)  # only if it has no lane
+    channels: list[Union[Channel, Lane]] = field(default_factory=list)  # noqa: UP007 - what retiring it aborts
 
     @property
     def name(self) -> str:
@@ -90,23 +97,33 @@ class ReplicaPool:
         self._closing = False
         self.liveness_timeout = liveness_timeout
         self._liveness = LivenessMonitor(self, liveness_timeout) if liveness_timeout else None
+        self._dispatcher: Dispatcher | None = None  # started with the first lane
 
     # -------------------------------------------------------------- replicas
 
     def add(self, remote: Remote, owned: bool) -> Replica:
         replica = Replica(remote, owned, ReplicaProvider(remote.servlet.cluster))
+        sock = _framed_connection(remote)
         with self._lock:
             if self._closing:
+                if sock is not None:
+                    sock.close()
                 raise ReplicaDiedError("the Mapper is closed", remote.name)
             self.replicas.append(replica)
             self._broken = None
-            # Started under the lock: a close() that sees this replica can join every one of its slots.
-            for i in range(self.concurrency):
-                slot = threading.Thread(
-                    target=self._run_slot, args=(replica,), name=f"runmap-slot-{replica.name}-{i}", daemon=True
-                )
-                replica.slots.append(slot)
-                slot.start()
+            # Started under the lock: a close() that sees this replica stops every one of its slots.
+            if sock is not None:
+                if self._dispatcher is None:
+                    self._dispatcher = Dispatcher(self, self.concurrency)
+                    self.tasks.on_put = self._dispatcher.wake_if_idle
+                replica.channels.append(self._dispatcher.add(replica, sock, self.method))
+            else:
+                for i in range(self.concurrency):
+                    slot = threading.Thread(
+                        target=self._run_slot, args=(replica,), name=f"runmap-slot-{replica.name}-{i}", daemon=True
+                    )
+                    replica.slots.append(slot)
+                    slot.start()
         # Noticed at once, even while idle: the replica leaves rotation before an input needs it.
         remote.servlet.on_exit(self._watched_exit)
         return replica
@@ -138,8 +155,7 @@ class ReplicaPool:
     # ----------------------------------------------------------------- tasks
 
     def submit(self, task: Task, front: bool = False) -> None:
-        with self._lock:
-            broken = self._broken
+        broken = self._broken  # one read of one attribute: no lock needed
         if broken is not None:
             task.sink.failed(task, broken)
         else:
@@ -166,37 +182,86 @@ class ReplicaPool:
                 try:
                     data = channel.call(module, method, task.payload, task.timeout, task.in_thread)
                 except ReplicaTimeoutError as exc:
-                    self._timed_out(replica, task, exc)
+                    self.timed_out(replica, task, exc)
                     return
                 except ReplicaDiedError as exc:
                     self._lost(replica, task, exc)
                     return
-                except SerializationError as exc:
-                    task.sink.failed(task, _name_inputs(exc, task, replica.name))
-                    continue
                 except Exception as exc:
-                    task.sink.failed(task, exc)
+                    self._failed_call(replica, task, exc)
                     continue
-                try:
-                    outcome = ser.load_outcome(data)
-                except Exception as exc:
-                    task.sink.failed(
-                        task,
-                        SerializationError(
-                            f"the results of inputs {_span(task)} from {replica.name} could not be "
-                            f"unpickled (result): {exc!r}",
-                            index=task.start,
-                            side="result",
-                            replica=replica.name,
-                        ),
-                    )
-                    continue
-                task.sink.done(task, outcome, replica.name, time.perf_counter() - started)
-                del data, outcome  # nor its results
+                self.finish(replica, task, data, started)
+                del data  # a finished task's results must not live on while this slot waits
         finally:
             channel.close()
 
+    # ------------------------------------------------------------- outcomes
+    # Called by the slot threads and by the dispatch thread alike.
+
+    def finish(self, replica: Replica, task: Task, data: bytes, started: float) -> None:
+        """A call answered with ``data``, the pickled outcome of ``task``."""
+        try:
+            outcome = ser.load_outcome(data)
+        except Exception as exc:
+            task.sink.failed(
+                task,
+                SerializationError(
+                    f"the results of inputs {_span(task)} from {replica.name} could not be "
+                    f"unpickled (result): {exc!r}",
+                    index=task.start,
+                    side="result",
+                    replica=replica.name,
+                ),
+            )
+            return
+        task.sink.done(task, outcome, replica.name, time.perf_counter() - started)
+
+    def refused(self, replica: Replica, task: Task, status: int, detail: bytes) -> None:
+        """The servlet refused ``task`` with ``status`` (its JSON ``detail``): the task fails."""
+        self._failed_call(replica, task, status_error(replica.name, status, bytes(detail)))
+
+    def _failed_call(self, replica: Replica, task: Task, exc: Exception) -> None:
+        if isinstance(exc, SerializationError):
+            exc = _name_inputs(exc, task, replica.name)
+        task.sink.failed(task, exc)
+
+    def give_up(self, task: Task, exc: BaseException) -> None:
+        """``task`` will not run: it fails with ``exc``."""
+        task.sink.failed(task, exc)
+
     # ---------------------------------------------------------------- deaths
+
+    def lost_calls(self, replica: Replica, tasks: list[Task], exc: ReplicaDiedError) -> None:
+        """The connection to ``replica`` broke with ``tasks`` in flight on it (maybe none)."""
+        if not tasks:
+            self._lost_idle_connection(replica)
+        for task in tasks:
+            self._lost(replica, task, exc)
+
+    def _lost_idle_connection(self, replica: Replica) -> None:
+        """The connection of a replica with no call in flight broke.
+
+        Its servlet ending is the likely cause, which its exit watcher reports
+        with the exit's reason; a servlet still running gets a new connection.
+        One that runs but can't be reached is left to the liveness monitor.
+        """
+        servlet = replica.remote.servlet
+        deadline = time.monotonic() + EXIT_WAIT
+        while servlet.is_alive() and time.monotonic() < deadline and not (self._closing or replica.retired):
+            time.sleep(0.02)
+        if self._closing or replica.retired:
+            return
+        if not servlet.is_alive():
+            self.retire_dead(replica)
+            return
+        sock = _framed_connection(replica.remote)
+        if sock is None:
+            return
+        with self._lock:
+            if self._closing or replica.retired or self._dispatcher is None:
+                sock.close()
+                return
+            replica.channels.append(self._dispatcher.add(replica, sock, self.method))
 
     def _lost(self, replica: Replica, task: Task, exc: ReplicaDiedError) -> None:
         if self._closing:
@@ -225,7 +290,8 @@ class ReplicaPool:
             task.sink.requeued(task)
             self.submit(task, front=True)
 
-    def _timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:
+    def timed_out(self, replica: Replica, task: Task, exc: ReplicaTimeoutError) -> None:
+        """A call of ``task`` on ``replica`` outlived its timeout (its answer, if any comes, is ignored)."""
         if not replica.timed_out and not self._answers(replica):
             # A frozen replica, not a slow input: the replica failed, so the input is retried.
             self.retire_frozen(replica, f"stopped answering during a call of {task.timeout:g} s (frozen?)")
@@ -335,10 +401,12 @@ class ReplicaPool:
         closed = ReplicaDiedError("the Mapper was closed before this input ran")
         for task in self.tasks.drain():
             task.sink.failed(task, closed)
+        deadline = time.monotonic() + timeout
+        if self._dispatcher is not None:
+            self._dispatcher.close(timeout)  # calls in flight on lanes fail as abandoned
         for replica in replicas:
             for channel in list(replica.channels):
                 channel.abort()
-        deadline = time.monotonic() + timeout
         for replica in replicas:
             for slot in replica.slots:
                 if slot is not threading.current_thread():
@@ -356,6 +424,23 @@ class ReplicaPool:
             with ThreadPoolExecutor(max_workers=min(16, len(owned)), thread_name_prefix="runmap-stop") as ex:
                 for future in [ex.submit(r.provider.release, r.remote, True) for r in owned]:
                     future.result()
+
+
+def _framed_connection(remote: Remote) -> socket.socket | None:
+    """A connection to ``remote``'s servlet switched to call frames, for a lane; None if it can't have one.
+
+    None for a channel that is not a socket (in-process test servlets), a servlet
+    that refuses frames of this version, or one that cannot be reached now: its
+    slot threads' first calls then fail over as any call to a dead replica does.
+    """
+    channel = remote.servlet.open_channel()
+    open_framed = getattr(channel, "open_framed", None)  # only a socket channel has one
+    try:
+        return open_framed() if open_framed is not None else None
+    except (FramesRefused, ReplicaError):
+        return None
+    finally:
+        channel.close()
 
 
 def _span(task: Task) -> str:

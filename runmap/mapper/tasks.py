@@ -128,20 +128,30 @@ class Task:
 
 
 class TaskQueue:
-    """FIFO of tasks shared by every replica slot; a retried task goes to the front."""
+    """FIFO of tasks shared by the dispatch thread and any slot threads; a retried task goes to the front."""
 
     def __init__(self) -> None:
         self._tasks: deque[Task] = deque()
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()  # a plain lock: taken twice per task, it must be cheap
+        self._cv = threading.Condition(self._lock)
+        self._waiting = 0  # slot threads blocked in get(): only then does put() notify
         self._closed = False
+        self.on_put: Callable[[], None] | None = None  # told of every task queued (the dispatch thread's wake-up)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
     def put(self, task: Task, front: bool = False) -> None:
-        with self._cv:
+        with self._lock:
             if front:
                 self._tasks.appendleft(task)
             else:
                 self._tasks.append(task)
-            self._cv.notify()
+            if self._waiting:
+                self._cv.notify()
+        on_put = self.on_put
+        if on_put is not None:
+            on_put()
 
     def get(self, stop: Callable[[], bool]) -> Task | None:
         """The next task, or None once the queue is closed or ``stop()`` is true."""
@@ -151,7 +161,18 @@ class TaskQueue:
                     return None
                 if self._tasks:
                     return self._tasks.popleft()
-                self._cv.wait()
+                self._waiting += 1
+                try:
+                    self._cv.wait()
+                finally:
+                    self._waiting -= 1
+
+    def get_nowait(self) -> Task | None:
+        """The next task, or None if there is none now (or the queue is closed)."""
+        with self._lock:
+            if self._closed or not self._tasks:
+                return None
+            return self._tasks.popleft()
 
     def wake_all(self) -> None:
         """Makes every waiting :meth:`get` look at its ``stop`` again."""

@@ -8,6 +8,11 @@ an HTTP/1.1 upgrade request that carries the token, answered with ``101`` by
 :mod:`runmap.server.protocol`, which then hands the connection to
 :class:`FrameProtocol`.
 
+A connection carries several calls at once (the Mapper keeps up to its
+``concurrency`` in flight on one connection per replica): each runs as it
+would over HTTP, on the loop or in a thread, and is answered when it ends,
+with its call id. Answers to the frames of one read go out in one write.
+
 The security of HTTP requests holds: only a request that presented the token
 switches a connection, every frame carries the token again (checked before
 its body is read), the lengths in a header are bounded before anything is
@@ -45,7 +50,7 @@ class FrameProtocol(asyncio.Protocol):
         self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._busy = False  # a call runs in a thread: the next frame waits for its answer
+        self._out: list[bytes] | None = None  # answers gathered while serving one read, written together
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -56,24 +61,29 @@ class FrameProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if not self._busy:
+        self._out = []
+        try:
             self._serve()
+        finally:
+            out, self._out = self._out, None
+            if out and self.transport is not None and not self.transport.is_closing():
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _serve(self) -> None:
         buf = self._buf
-        while not self._busy and self.transport is not None and len(buf) >= REQUEST.size:
-            version, flags, token_len, module_len, method_len, body_len = REQUEST.unpack_from(buf)
+        while self.transport is not None and len(buf) >= REQUEST.size:
+            version, flags, token_len, module_len, method_len, call_id, body_len = REQUEST.unpack_from(buf)
             if version != VERSION or token_len > MAX_TOKEN or module_len + method_len > MAX_NAMES:
-                self._refuse(400, "malformed call frame")
+                self._refuse(call_id, 400, "malformed call frame")
                 return
             start = REQUEST.size + token_len
             if len(buf) < start:
                 return
             if not hmac.compare_digest(bytes(buf[REQUEST.size : start]), self.token):
-                self._refuse(401, "missing or wrong token")
+                self._refuse(call_id, 401, "missing or wrong token")
                 return
             if body_len > self.max_body:
-                self._refuse(413, f"body of {body_len} bytes is over the limit of {self.max_body}")
+                self._refuse(call_id, 413, f"body of {body_len} bytes is over the limit of {self.max_body}")
                 return
             names_end = start + module_len + method_len
             end = names_end + body_len
@@ -83,56 +93,63 @@ class FrameProtocol(asyncio.Protocol):
                 module = buf[start : start + module_len].decode()
                 method = buf[start + module_len : names_end].decode()
             except UnicodeDecodeError:
-                self._refuse(400, "call frame names are not UTF-8")
+                self._refuse(call_id, 400, "call frame names are not UTF-8")
                 return
             body = bytes(memoryview(buf)[names_end:end])
             del buf[:end]
-            self._call(module, method, body, bool(flags & IN_THREAD))
+            self._call(call_id, module, method, body, bool(flags & IN_THREAD))
 
-    def _call(self, module: str, method: str, body: bytes, in_thread: bool) -> None:
+    def _call(self, call_id: int, module: str, method: str, body: bytes, in_thread: bool) -> None:
         app = self.app
         if not in_thread and app.placement.inline((module, method)):
             try:
                 result = app.call_inline(module, method, body)
             except Exception as exc:
-                self._answer_error(exc)
+                self._answer_error(call_id, exc)
             else:
-                self._answer(200, result)
+                self._answer(call_id, 200, result)
             return
-        self._busy = True
         task = asyncio.ensure_future(app.call_in_thread(module, method, body))
-        task.add_done_callback(self._call_done)
+        task.add_done_callback(lambda t: self._call_done(call_id, t))
 
-    def _call_done(self, task: asyncio.Future[bytes]) -> None:
-        self._busy = False
+    def _call_done(self, call_id: int, task: asyncio.Future[bytes]) -> None:
         if task.cancelled():
             return
         exc = task.exception()
         if exc is None:
-            self._answer(200, task.result())
+            self._answer(call_id, 200, task.result())
         elif isinstance(exc, Exception):
-            self._answer_error(exc)
-        if self._buf:
-            self._serve()
+            self._answer_error(call_id, exc)
 
-    def _answer_error(self, exc: Exception) -> None:
+    def _answer_error(self, call_id: int, exc: Exception) -> None:
         from runmap.server.app import error_detail
 
         status, detail = error_detail(exc)
-        self._answer(status, json.dumps(detail).encode())
+        self._answer(call_id, status, json.dumps(detail).encode())
 
-    def _answer(self, status: int, body: bytes) -> None:
+    def _answer(self, call_id: int, status: int, body: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # the client left: nobody waits for this answer
-        head = RESPONSE.pack(status, len(body))
-        if len(body) <= SMALL_RESPONSE:
+        head = RESPONSE.pack(call_id, status, len(body))
+        if self._out is not None and len(body) <= SMALL_RESPONSE:
+            self._out.append(head + body)  # written with the other answers to this read
+        elif len(body) <= SMALL_RESPONSE:
             transport.write(head + body)
         else:
+            self._flush()
             transport.writelines((head, body))
 
-    def _refuse(self, status: int, detail: str) -> None:
-        self._answer(status, json.dumps({"detail": detail}).encode())
+    def _flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+            out.clear()
+
+    def _refuse(self, call_id: int, status: int, detail: str) -> None:
+        self._flush()
+        self._answer(call_id, status, json.dumps({"detail": detail}).encode())
+        self._flush()
         self._buf = bytearray()
         if self.transport is not None:
             self.transport.close()

@@ -42,7 +42,7 @@ _NO_BODY_STATUSES = frozenset({101, 204, 304})
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
 
 
-class _FramesRefused(Exception):
+class FramesRefused(Exception):
     """The servlet did not switch the connection to frames (an older servlet): calls go over HTTP."""
 
 
@@ -74,6 +74,7 @@ class HTTPChannel:
         self._token = endpoint.token.encode()
         self._sock: socket.socket | None = None
         self._framed = False  # whether the connection now carries call frames (then only those)
+        self._reader = frames.ResponseReader()  # cuts responses out of a framed connection's bytes
         self._frames_ok = True  # whether the servlet switches connections to frames
         self._timeout: float | None = None  # the socket's timeout now: setting it is a syscall
         self._buf = b""  # bytes received past the end of the last response
@@ -98,12 +99,33 @@ class HTTPChannel:
                 return self._on_connection(
                     lambda sock: self._frame_exchange(sock, module, method, payload, timeout, in_thread), framed=True
                 )
-            except _FramesRefused:
+            except FramesRefused:
                 self._frames_ok = False  # a servlet without frames: calls go over HTTP
         path = f"/call/{quote(module, safe='')}/{quote(method, safe='')}"
         if in_thread:
             path += "?thread"
         return self._request(b"POST", path, payload, timeout)
+
+    def open_framed(self) -> socket.socket:
+        """A new connection, switched to frames, handed over: the caller writes and reads frames on it.
+
+        This channel keeps nothing of it. The dispatcher of a Mapper's calls
+        (runmap/mapper/dispatch.py) keeps several calls in flight on it.
+
+        Raises:
+            FramesRefused: the servlet does not serve frames of this version.
+            ReplicaDiedError, AuthError: as :meth:`call` does.
+        """
+        sock = self._connect()
+        try:
+            self._upgrade(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if self._buf:  # the servlet spoke before it was asked: not a servlet this client knows
+            sock.close()
+            raise ProtocolError(f"{self.replica} sent bytes after switching to frames, unasked", 502)
+        return sock
 
     def info(self) -> dict[str, Any]:
         return json.loads(self._request(b"GET", "/info", b"", None))  # type: ignore[no-any-return]
@@ -193,6 +215,7 @@ class HTTPChannel:
                 except BaseException:
                     sock.close()
                     raise
+                self._reader = frames.ResponseReader()
             self._sock, self._framed = sock, framed
         return self._sock
 
@@ -209,8 +232,8 @@ class HTTPChannel:
         if status == 101:
             return
         if status == 401:
-            self._raise_for_status(status, bytes(data))
-        raise _FramesRefused(status)
+            raise status_error(self.replica, status, bytes(data))
+        raise FramesRefused(status)
 
     def _frame_exchange(
         self, sock: socket.socket, module: str, method: str, payload: bytes, timeout: float | None, in_thread: bool
@@ -218,21 +241,19 @@ class HTTPChannel:
         head = frames.request_head(
             self._token, module.encode(), method.encode(), len(payload), frames.IN_THREAD if in_thread else 0
         )
+        reader = self._reader
         with self._translate(timeout):
             self._send(sock, head, payload, timeout)
-            buf = self._buf
-            while len(buf) < frames.RESPONSE.size:
-                n = sock.recv_into(self._recv_buf)
+            done: list[tuple[int, int, bytes]] = []
+            while not done:
+                n = sock.recv_into(reader.buffer())
                 if not n:
                     raise ConnectionResetError("the servlet closed the connection")
-                buf += self._recv_view[:n]
-            status, length = frames.RESPONSE.unpack_from(buf)
-            self._buf = buf[frames.RESPONSE.size :]
-            data = self._read_body(sock, length)
+                done = reader.received(n)
+        _, status, data = done[0]  # one call at a time on this channel: the answer is to it
         if status == 200:
             return data
-        self._raise_for_status(status, bytes(data))
-        raise AssertionError("unreachable")
+        raise status_error(self.replica, status, bytes(data))
 
     def _exchange(self, sock: socket.socket, method: bytes, path: str, body: bytes, timeout: float | None) -> bytes:
         head = b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
@@ -249,8 +270,7 @@ class HTTPChannel:
             self.close()
         if status in (200, 204):
             return data
-        self._raise_for_status(status, bytes(data))
-        raise AssertionError("unreachable")
+        raise status_error(self.replica, status, bytes(data))
 
     def _send(self, sock: socket.socket, head: bytes, body: bytes, timeout: float | None) -> None:
         """Sends a request: in one ``sendall`` if small, else head then body (never copied into one)."""
@@ -316,20 +336,6 @@ class HTTPChannel:
             got += n
         return body  # type: ignore[return-value]  # a bytearray: pickle reads it as it reads bytes
 
-    def _raise_for_status(self, status: int, data: bytes) -> None:
-        try:
-            detail = json.loads(data)
-        except ValueError:
-            detail = {"detail": data[:200].decode("utf-8", "replace")}
-        if not isinstance(detail, dict):
-            detail = {"detail": detail}
-        message = f"{self.replica}: {detail.get('detail', detail)}"
-        if status == 401:
-            raise AuthError(f"{self.replica} refused the token (401)")
-        if status == 422:
-            raise SerializationError(message, side=detail.get("side"), replica=self.replica)
-        raise ProtocolError(f"{message} (HTTP {status})", status)
-
     @contextlib.contextmanager
     def _translate(self, timeout: float | None) -> Iterator[None]:
         try:
@@ -347,3 +353,19 @@ class HTTPChannel:
             raise ReplicaDiedError(
                 f"{self.replica} at {self.where} is unreachable: {exc!r}", self.replica
             ) from exc
+
+
+def status_error(replica: str, status: int, data: bytes) -> Exception:
+    """The error a servlet's refusal (a status other than 200, with its JSON detail) stands for."""
+    try:
+        detail = json.loads(data)
+    except ValueError:
+        detail = {"detail": data[:200].decode("utf-8", "replace")}
+    if not isinstance(detail, dict):
+        detail = {"detail": detail}
+    message = f"{replica}: {detail.get('detail', detail)}"
+    if status == 401:
+        return AuthError(f"{replica} refused the token (401)")
+    if status == 422:
+        return SerializationError(message, side=detail.get("side"), replica=replica)
+    return ProtocolError(f"{message} (HTTP {status})", status)

@@ -1,4 +1,9 @@
-"""The Mapper's dispatch on the in-process transport: order, balance and deaths, without processes."""
+"""The Mapper's dispatch: order, balance and deaths.
+
+On the in-process transport (slot threads, no processes) and on real servlets,
+where one dispatch thread keeps every replica's calls in flight on one
+connection each (runmap/mapper/dispatch.py).
+"""
 
 from __future__ import annotations
 
@@ -84,3 +89,39 @@ def test_a_dead_replica_is_replaced(inprocess: InProcessCluster) -> None:
         while mapper.num_replicas < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert {r.name for r in mapper.replicas} == {"default", "default_replica_2"}
+
+
+# ---------------------------------------------------------------- the dispatch thread, on real servlets
+
+
+def _runmap_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("runmap-"))
+
+
+def napper(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_one_thread_dispatches_for_every_slot(cluster: rm.LocalCluster) -> None:
+    # 3 replicas x 8 calls in flight: 24 slots, and still one dispatch thread and no slot threads.
+    with rm.mapper(rm.function(jittery).to(cluster), num_replicas=3, concurrency=8) as mapper:
+        seen: list[list[str]] = []
+        out = []
+        for i, y in enumerate(mapper.imap(range(300), chunksize=1, progress=False)):
+            out.append(y)
+            if i == 150:
+                seen.append(_runmap_threads())
+        assert out == [x * x for x in range(300)]
+        (during,) = seen
+        assert during.count("runmap-dispatch") == 1, during
+        assert not [name for name in during if name.startswith("runmap-slot")], during
+
+
+def test_the_calls_in_flight_on_one_connection_run_at_once(cluster: rm.LocalCluster) -> None:
+    with rm.mapper(rm.function(napper).to(cluster), num_replicas=1, concurrency=4) as mapper:
+        mapper.map([0.0], progress=False)  # started
+        started = time.perf_counter()
+        assert mapper.map([0.6] * 4, chunksize=1, progress=False) == [0.6] * 4
+        assert time.perf_counter() - started < 4 * 0.6 * 0.75  # not one after another
+

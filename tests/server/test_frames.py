@@ -50,8 +50,9 @@ def _read_until_closed(sock: socket.socket) -> bytes:
     return got
 
 
-def _frame_response(data: bytes) -> tuple[int, bytes]:
-    status, length = framing.RESPONSE.unpack_from(data)
+def _frame_response(data: bytes, call_id: int = 0) -> tuple[int, bytes]:
+    got_id, status, length = framing.RESPONSE.unpack_from(data)
+    assert got_id == call_id
     return status, data[framing.RESPONSE.size : framing.RESPONSE.size + length]
 
 
@@ -97,10 +98,10 @@ def test_only_the_token_switches_a_connection(cluster: rm.LocalCluster) -> None:
     ("frame", "status"),
     [
         (framing.request_head(b"wrong", b"m", b"echo", 3) + b"abc", 401),
-        (framing.REQUEST.pack(9, 0, 0, 0, 0, 0), 400),
-        (framing.REQUEST.pack(framing.VERSION, 0, framing.MAX_TOKEN + 1, 0, 0, 0), 400),
+        (framing.REQUEST.pack(1, 0, 0, 0, 0, 0, 0), 400),
+        (framing.REQUEST.pack(framing.VERSION, 0, framing.MAX_TOKEN + 1, 0, 0, 0, 0), 400),
     ],
-    ids=["wrong token", "unknown version", "token length over the bound"],
+    ids=["wrong token", "version 1", "token length over the bound"],
 )
 def test_a_frame_that_breaks_a_rule_is_refused_and_closed(cluster: rm.LocalCluster, frame: bytes, status: int) -> None:
     echo = rm.module(Echo).to(cluster)()
@@ -127,3 +128,37 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(cluster: rm.LocalClu
     finally:
         sock.close()
     assert echo.echo(8) == 8
+
+
+class Sleeper:
+    def nap(self, seconds: float) -> float:
+        import time
+
+        time.sleep(seconds)
+        return seconds
+
+
+def test_calls_on_one_connection_run_at_once_and_are_answered_as_they_end(cluster: rm.LocalCluster) -> None:
+    from runmap import serialization as ser
+
+    sleeper = rm.module(Sleeper).to(cluster)()
+    sock = _upgraded(sleeper.servlet)
+    token = sleeper.servlet.endpoint.token.encode()
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        naps = {7: 1.0, 8: 0.5, 9: 0.0}  # call id -> seconds: sent slowest first
+        for call_id, seconds in naps.items():
+            body = ser.dump_call(ser.SINGLE, [seconds], None)
+            module = sleeper.module_name.encode()
+            head = framing.request_head(token, module, b"nap", len(body), framing.IN_THREAD, call_id)
+            sock.sendall(head + body)
+        reader, answered = framing.ResponseReader(), []
+        while len(answered) < len(naps):
+            n = sock.recv_into(reader.buffer())
+            assert n, "the servlet closed the connection"
+            answered += reader.received(n)
+        assert [call_id for call_id, _, _ in answered] == [9, 8, 7]  # the shortest first: none waited for another
+        assert all(status == 200 for _, status, _ in answered)
+        assert [ser.load_outcome(body).results[0] for _, _, body in answered] == [0.0, 0.5, 1.0]
+    finally:
+        sock.close()

@@ -141,10 +141,14 @@ def test_a_spot_interruption_mid_map_loses_no_input(moto: str, ssh_hosts: SshHos
             ssh_hosts.kill("host-b", user_processes=True)
             got += list(results)
             assert [r for r, _ in got] == [x * x for x in range(120)]
-            # A replacement was planned, launched, and reached as host-c.
+            # A replacement was planned, launched, and reached as host-c (maybe after the map's end:
+            # the other replicas may finish its inputs first).
+            deadline = time.monotonic() + 60
+            while "host-c" not in reach.assigned.values():
+                assert time.monotonic() < deadline, reach.assigned
+                time.sleep(0.05)
             (new,) = [i for i, alias in reach.assigned.items() if alias == "host-c"]
             (new_host,) = [h.host for h in cluster.held if h.instance_id == new]
-            deadline = time.monotonic() + 60
             while not any(r.servlet.host == new_host and r.servlet.is_alive() for r in m.replicas):
                 assert time.monotonic() < deadline, [r.servlet for r in m.replicas]
                 time.sleep(0.05)

@@ -1,0 +1,356 @@
+"""The dispatch thread: every replica's calls, on one connection per replica, from one thread.
+
+    TaskQueue ──► dispatch thread ──► lane: one framed connection per replica,
+    (shared)      (a selector)        up to ``concurrency`` calls in flight on it,
+        ▲              │              told apart by call id (transport/framing.py)
+        │              ├──► the task's Sink, with its outcome
+        └──────────────┴──► the pool's failover (another thread), when a replica
+                            died or a call outlived its timeout
+
+One thread serves every replica, however many slots (replicas × concurrency)
+there are: a Mapper of 64 replicas × 16 calls has one dispatch thread, not
+1,024 threads each waiting on a socket. The thread sends the next task as soon
+as a replica has room, so several frames often leave in one ``sendmsg``, and
+several answers arrive in one ``recv``: a small call costs a share of a system
+call rather than two, and no thread hand-off beyond the one to the map's reader.
+
+What can block runs elsewhere: working out why a replica died, killing one whose
+call timed out, starting a replacement (the pool's :meth:`lost_calls` and
+:meth:`timed_out`) run in short-lived threads, so one dead replica never holds
+up the calls of the others. Sinks run here: a ``Future``'s callbacks (``submit``)
+run on this thread, as they run on :class:`~concurrent.futures.ProcessPoolExecutor`'s
+management thread, and must be short.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError
+from runmap.transport.framing import IN_THREAD, MAX_CALL_ID, ResponseReader, request_head
+
+if TYPE_CHECKING:
+    from runmap.mapper.pool import Replica, ReplicaPool
+    from runmap.mapper.tasks import Task
+
+log = logging.getLogger(__name__)
+
+SMALL_BODY = 64 << 10  # up to this, a frame's head and body are joined into one buffer
+MAX_IOV = 64  # buffers per sendmsg
+
+
+@dataclass(eq=False)
+class _Call:
+    task: Task
+    started: float
+    deadline: float | None
+
+
+class Lane:
+    """One replica's framed connection, and the calls in flight on it (touched by the dispatch thread only).
+
+    Its :meth:`abort` may be called from any thread: the pool aborts the
+    lanes of a replica it retires, as it aborts channels.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, replica: Replica, sock: socket.socket, method: str | None) -> None:
+        self.dispatcher = dispatcher
+        self.replica = replica
+        self.sock = sock
+        self.reader = ResponseReader()
+        self.inflight: dict[int, _Call] = {}
+        self.out: deque[memoryview] = deque()
+        self.writing = False  # registered for EVENT_WRITE: the socket's buffer was full
+        self.closed = False
+        self.draining = False  # a call timed out: the replica is on its way out, so it takes no more
+        self._ids = itertools.count(1)
+        self._token = replica.remote.servlet.endpoint.token.encode()
+        self._module = replica.remote.module_name.encode()
+        self._method = (method or "__call__").encode()
+
+    def abort(self) -> None:
+        self.dispatcher.abort(self)
+
+    def send(self, task: Task) -> None:
+        call_id = next(self._ids) % MAX_CALL_ID or next(self._ids)
+        payload = task.payload
+        head = request_head(
+            self._token, self._module, self._method, len(payload), IN_THREAD if task.in_thread else 0, call_id
+        )
+        now = time.perf_counter()
+        deadline = now + task.timeout if task.timeout is not None else None
+        self.inflight[call_id] = _Call(task, now, deadline)
+        if deadline is not None:
+            self.dispatcher.watch_deadline(deadline, self, call_id)
+        if len(payload) <= SMALL_BODY:
+            self.out.append(memoryview(head + payload))
+        else:
+            self.out.append(memoryview(head))
+            self.out.append(memoryview(payload))
+
+
+class Dispatcher:
+    """The thread that sends a pool's tasks to its lanes and hands their answers on.
+
+    Args:
+        pool: the replicas and the task queue; its :meth:`~ReplicaPool.finish`,
+            :meth:`~ReplicaPool.refused`, :meth:`~ReplicaPool.lost_calls` and
+            :meth:`~ReplicaPool.timed_out` decide what an answer or a failure means.
+        concurrency: calls in flight per lane.
+    """
+
+    def __init__(self, pool: ReplicaPool, concurrency: int) -> None:
+        self.pool = pool
+        self.concurrency = concurrency
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lanes: list[Lane] = []
+        self._lock = threading.Lock()
+        self._added: list[Lane] = []
+        self._aborted: list[Lane] = []
+        self._deadlines: list[tuple[float, int, Lane, int]] = []  # a heap: (deadline, tie, lane, call id)
+        self._tie = itertools.count()
+        self._sleeping = False
+        self._stopping = False
+        self._failover: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._run, name="runmap-dispatch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------ from any thread
+
+    def add(self, replica: Replica, sock: socket.socket, method: str | None) -> Lane:
+        lane = Lane(self, replica, sock, method)
+        with self._lock:
+            self._added.append(lane)
+        self._wake()
+        return lane
+
+    def abort(self, lane: Lane) -> None:
+        with self._lock:
+            self._aborted.append(lane)
+        self._wake()
+
+    def wake_if_idle(self) -> None:
+        """Called when a task is queued: the thread looks at the queue again if it waits."""
+        if self._sleeping:
+            self._wake()
+
+    def close(self, timeout: float) -> None:
+        """Stops the thread; calls in flight fail as abandoned by a closed Mapper."""
+        deadline = time.monotonic() + timeout
+        self._stopping = True
+        self._wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in list(self._failover):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # its buffer is full (a wake-up is pending anyway) or it is closed (the thread is done)
+
+    # ----------------------------------------------------- the thread's own
+
+    def watch_deadline(self, deadline: float, lane: Lane, call_id: int) -> None:
+        heapq.heappush(self._deadlines, (deadline, next(self._tie), lane, call_id))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if self._added or self._aborted:
+                    self._take_changes()
+                room = self._feed()
+                timeout = self._expire() if self._deadlines else None
+                # Asleep with no room, it need not hear of new tasks: an answer wakes it, and makes room.
+                self._sleeping = room
+                if room and self.pool.tasks:
+                    timeout = 0  # a task came in meanwhile: look again at once
+                events = self._selector.select(timeout)
+                self._sleeping = False
+                for key, mask in events:
+                    lane = key.data
+                    if lane is None:
+                        self._drain_wake()
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        self._read(lane)
+                    if mask & selectors.EVENT_WRITE and not lane.closed:
+                        self._flush(lane)
+        except BaseException:  # pragma: no cover - a bug here must not leave maps waiting forever
+            log.exception("runmap's dispatch thread failed")
+        finally:
+            self._shut()
+
+    def _shut(self) -> None:
+        with self._lock:
+            lanes = self._lanes + self._added
+            self._added = []
+        closed = ReplicaDiedError("the Mapper was closed while this input ran")
+        for lane in lanes:
+            calls, lane.inflight = list(lane.inflight.values()), {}
+            lane.closed = True
+            lane.sock.close()
+            for call in calls:
+                self.pool.give_up(call.task, closed)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _take_changes(self) -> None:
+        with self._lock:
+            added, self._added = self._added, []
+            aborted, self._aborted = self._aborted, []
+        for lane in added:
+            lane.sock.setblocking(False)
+            self._selector.register(lane.sock, selectors.EVENT_READ, lane)
+            self._lanes.append(lane)
+        for lane in aborted:
+            self._fail(lane, ConnectionAbortedError("the replica was retired"))
+
+    def _feed(self) -> bool:
+        """Sends queued tasks to the lanes with room; returns whether any lane has room left."""
+        tasks = self.pool.tasks
+        concurrency = self.concurrency
+        room = False
+        for lane in self._lanes:
+            if lane.closed or lane.draining or lane.replica.retired:
+                continue
+            inflight = lane.inflight
+            while len(inflight) < concurrency:
+                task = tasks.get_nowait()
+                if task is None:
+                    room = True
+                    break
+                if not task.sink.cancelled:
+                    lane.send(task)
+            if lane.out and not lane.writing:
+                self._flush(lane)
+        return room
+
+    def _flush(self, lane: Lane) -> None:
+        out = lane.out
+        sock = lane.sock
+        while out:
+            try:
+                sent = sock.sendmsg(list(itertools.islice(out, MAX_IOV)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail(lane, exc)
+                return
+            while sent:
+                first = out[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = first[sent:]
+                    sent = 0
+        writing = bool(out)
+        if writing != lane.writing:
+            lane.writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            self._selector.modify(sock, events, lane)
+
+    def _read(self, lane: Lane) -> None:
+        reader = lane.reader
+        while not lane.closed:
+            buffer = reader.buffer()
+            try:
+                n = lane.sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(lane, exc)
+                return
+            if not n:
+                self._fail(lane, ConnectionResetError("the servlet closed the connection"))
+                return
+            for call_id, status, body in reader.received(n):
+                call = lane.inflight.pop(call_id, None)
+                if call is None:
+                    continue  # the answer to a call that already timed out
+                self._deliver(lane, call, status, body)
+            if n < len(buffer):
+                return  # the socket is drained: no need for a recv that would only say so
+
+    def _deliver(self, lane: Lane, call: _Call, status: int, body: bytes) -> None:
+        try:
+            if status == 200:
+                self.pool.finish(lane.replica, call.task, body, call.started)
+            else:
+                self.pool.refused(lane.replica, call.task, status, body)
+        except Exception:  # a sink that raised (a future cancelled meanwhile) must not stop the others
+            log.exception("runmap: handing on the outcome of inputs from %s failed", lane.replica.name)
+
+    def _expire(self) -> float | None:
+        """Calls past their deadline go to the pool's timeout handling; returns the wait to the next deadline."""
+        heap = self._deadlines
+        now = time.perf_counter()
+        while heap:
+            deadline, _, lane, call_id = heap[0]
+            call = lane.inflight.get(call_id)
+            if call is None or call.deadline != deadline:
+                heapq.heappop(heap)  # answered, or lost with its lane
+                continue
+            if deadline > now:
+                return deadline - now
+            heapq.heappop(heap)
+            del lane.inflight[call_id]
+            lane.draining = True
+            replica, task = lane.replica, call.task
+            exc = ReplicaTimeoutError(
+                f"a call on {replica.name} did not finish within its timeout of {task.timeout:g} s", replica.name
+            )
+            self._aside(f"runmap-timeout-{replica.name}", functools.partial(self.pool.timed_out, replica, task, exc))
+        return None
+
+    def _fail(self, lane: Lane, exc: BaseException) -> None:
+        """The lane's connection broke (or the replica was retired): its calls in flight are lost with it."""
+        if lane.closed:
+            return
+        lane.closed = True
+        try:
+            self._selector.unregister(lane.sock)
+        except (KeyError, ValueError):
+            pass
+        lane.sock.close()
+        if lane in self._lanes:
+            self._lanes.remove(lane)
+        calls, lane.inflight = [c.task for c in lane.inflight.values()], {}
+        lane.out.clear()
+        replica = lane.replica
+        where = replica.remote.servlet.endpoint
+        died = ReplicaDiedError(f"{replica.name} at {where} is unreachable: {exc!r}", replica.name)
+        self._aside(f"runmap-failover-{replica.name}", functools.partial(self.pool.lost_calls, replica, calls, died))
+
+    def _aside(self, name: str, work: Callable[[], None]) -> None:
+        """Runs ``work``, which may block (killing a replica, starting another), off this thread."""
+        self._failover = [t for t in self._failover if t.is_alive()]
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        self._failover.append(thread)
+        thread.start()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
