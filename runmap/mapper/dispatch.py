@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError
-from runmap.transport.framing import IN_THREAD, MAX_CALL_ID, ResponseReader, request_head
+from runmap.transport.framing import IN_THREAD, MAX_CALL_ID, REQUEST, VERSION, ResponseReader
 
 if TYPE_CHECKING:
     from runmap.mapper.pool import Replica, ReplicaPool
@@ -50,7 +50,7 @@ SMALL_BODY = 64 << 10  # up to this, a frame's head and body are joined into one
 MAX_IOV = 64  # buffers per sendmsg
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Call:
     task: Task
     started: float
@@ -75,9 +75,12 @@ class Lane:
         self.closed = False
         self.draining = False  # a call timed out: the replica is on its way out, so it takes no more
         self._ids = itertools.count(1)
-        self._token = replica.remote.servlet.endpoint.token.encode()
-        self._module = replica.remote.module_name.encode()
-        self._method = (method or "__call__").encode()
+        token = replica.remote.servlet.endpoint.token.encode()
+        module = replica.remote.module_name.encode()
+        method_name = (method or "__call__").encode()
+        # Every frame of this lane carries the same token and names: only the id, flags and length change.
+        self._sizes = (len(token), len(module), len(method_name))
+        self._names = token + module + method_name
 
     def abort(self) -> None:
         self.dispatcher.abort(self)
@@ -85,13 +88,14 @@ class Lane:
     def send(self, task: Task) -> None:
         call_id = next(self._ids) % MAX_CALL_ID or next(self._ids)
         payload = task.payload
-        head = request_head(
-            self._token, self._module, self._method, len(payload), IN_THREAD if task.in_thread else 0, call_id
-        )
+        flags = IN_THREAD if task.in_thread else 0
+        head = REQUEST.pack(VERSION, flags, *self._sizes, call_id, len(payload)) + self._names
         now = time.perf_counter()
-        deadline = now + task.timeout if task.timeout is not None else None
-        self.inflight[call_id] = _Call(task, now, deadline)
-        if deadline is not None:
+        if task.timeout is None:
+            self.inflight[call_id] = _Call(task, now, None)
+        else:
+            deadline = now + task.timeout
+            self.inflight[call_id] = _Call(task, now, deadline)
             self.dispatcher.watch_deadline(deadline, self, call_id)
         if len(payload) <= SMALL_BODY:
             self.out.append(memoryview(head + payload))

@@ -86,7 +86,7 @@ class FutureSink(Sink):
         self.future.set_exception(exc)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """A chunk of consecutive inputs, starting at input ``start``, ready to send.
 
