@@ -7,7 +7,7 @@
           │
           └── cancelled, closed or garbage-collected ──► MapRun.cancel(), wait for the worker
 
-The map itself is :meth:`Mapper.imap`, unchanged, run in a thread of its own so
+The map itself is :meth:`Mapper.imap` (or a placed Mapper's), unchanged, run in a thread of its own so
 the event loop never blocks. At most ``BUFFER`` results wait to be consumed:
 past that the worker stops reading results (and so, through the Mapper's
 bounded window, stops reading inputs) until the consumer catches up.
@@ -22,14 +22,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Generator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runmap.mapper.run import zip_inputs
 
 if TYPE_CHECKING:
     from runmap.mapper.mapper import Mapper
-    from runmap.mapper.run import MapRun
+
+
+class Run(Protocol):
+    """A map not yet started: a local Mapper's (run.py) or a placed Mapper's (remote.py)."""
+
+    def results(self) -> Generator[Any, None, None]: ...
+
+    def cancel(self) -> None:
+        """Makes :meth:`results` stop soon, from another thread."""
 
 BUFFER = 64  # results handed to the event loop and not yet consumed
 EXIT_WAIT = 5.0  # seconds a cancelled map waits for its worker to end
@@ -48,15 +56,16 @@ def aimap(mapper: Mapper, *iterables: Any, **options: Any) -> AsyncIterator[Any]
 
     Bad options raise here, at once; the map starts at the first iteration.
     """
-    return _results(mapper._start(*zip_inputs(iterables), options, ordered=True))
+    return iterate(mapper._start(*zip_inputs(iterables), options, ordered=True))
 
 
 def aimap_unordered(mapper: Mapper, *iterables: Any, **options: Any) -> AsyncIterator[Any]:
     """``async for`` form of :meth:`Mapper.imap_unordered`: results as they complete, in any order."""
-    return _results(mapper._start(*zip_inputs(iterables), options, ordered=False))
+    return iterate(mapper._start(*zip_inputs(iterables), options, ordered=False))
 
 
-async def _results(run: MapRun) -> AsyncIterator[Any]:
+async def iterate(run: Run) -> AsyncIterator[Any]:
+    """The results of ``run``, read by a worker thread and handed to this event loop."""
     worker = _Worker(run, asyncio.get_running_loop())
     try:
         while True:
@@ -76,7 +85,7 @@ async def _results(run: MapRun) -> AsyncIterator[Any]:
 class _Worker:
     """The thread that runs a blocking ``imap`` and posts its results to the event loop."""
 
-    def __init__(self, run: MapRun, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, run: Run, loop: asyncio.AbstractEventLoop) -> None:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.room = threading.Semaphore(BUFFER)
         self.exited: asyncio.Future[None] = loop.create_future()

@@ -12,7 +12,7 @@ lease, and a client process that dies takes the servlet with it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from itertools import islice
@@ -99,13 +99,29 @@ class RemoteMapper:
 
     def starmap(self, iterable: Iterable[Iterable[Any]], **options: Any) -> list[Any]:
         stars = (tuple(a) for a in iterable)
-        return list(self._run(ser.STAR, stars, input_len(iterable), options, ordered=True))
+        return list(self._open(ser.STAR, stars, input_len(iterable), options, ordered=True).results())
 
     def imap(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        return self._run(*zip_inputs(iterables), options, ordered=True)
+        return self._open(*zip_inputs(iterables), options, ordered=True).results()
 
     def imap_unordered(self, *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        return self._run(*zip_inputs(iterables), options, ordered=False)
+        return self._open(*zip_inputs(iterables), options, ordered=False).results()
+
+    async def amap(self, *iterables: Iterable[Any], **options: Any) -> list[Any]:
+        """``await`` form of :meth:`map`, as :meth:`runmap.Mapper.amap`."""
+        return [r async for r in self.aimap(*iterables, **options)]
+
+    def aimap(self, *iterables: Iterable[Any], **options: Any) -> AsyncIterator[Any]:
+        """``async for`` form of :meth:`imap`; cancelling the task stops the map on the cluster."""
+        from runmap.mapper import aio
+
+        return aio.iterate(self._open(*zip_inputs(iterables), options, ordered=True))
+
+    def aimap_unordered(self, *iterables: Iterable[Any], **options: Any) -> AsyncIterator[Any]:
+        """``async for`` form of :meth:`imap_unordered`."""
+        from runmap.mapper import aio
+
+        return aio.iterate(self._open(*zip_inputs(iterables), options, ordered=False))
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """One call on the next free replica."""
@@ -122,49 +138,12 @@ class RemoteMapper:
             calls = self._calls
         return calls.submit(self._invoke, "call", args, kwargs)
 
-    def _run(self, mode: int, items: Iterator[Any], total: int | None, options: dict[str, Any],
-             ordered: bool) -> Iterator[Any]:
+    def _open(self, mode: int, items: Iterator[Any], total: int | None, options: dict[str, Any],
+              ordered: bool) -> RemoteRun:
         opts = parse_options(options)  # a bad option fails here, before anything is sent
         self._check_open()
         remote_options = {k: v for k, v in options.items() if k != "progress"}
-        return self._stream(mode, items, total, remote_options, opts.progress, ordered)
-
-    def _stream(self, mode: int, items: Iterator[Any], total: int | None, options: dict[str, Any],
-                progress: bool, ordered: bool) -> Iterator[Any]:
-        map_id, credit = self._invoke("open", mode, total, options, ordered)
-        bar = Progress(progress, total, self._name)
-        shown = 0
-        end = finished = False
-        source_error: Exception | None = None
-        try:
-            while True:
-                batch: list[Any] = []
-                if not end and credit > 0:
-                    try:
-                        batch.extend(islice(items, credit))
-                    except Exception as exc:  # raised after the results of the inputs before it, as map does
-                        source_error, end = exc, True
-                    end = end or len(batch) < credit
-                reply = self._invoke("exchange", map_id, batch, end, 0.0 if batch and not end else WAIT_SECONDS)
-                credit = reply.credit
-                bar.update(reply.tally.done - shown)
-                shown = reply.tally.done
-                bar.story(reply.tally.retried, reply.tally.replaced, reply.tally.errors)
-                yield from reply.results
-                if reply.finished:
-                    finished = True
-                    if reply.error is not None:
-                        raise reply.error
-                    if source_error is not None:
-                        raise source_error
-                    return
-        finally:
-            bar.close()
-            if not finished and not self._closed:
-                try:
-                    self._invoke("cancel", map_id)
-                except Exception:  # the servlet is gone; its maps went with it
-                    pass
+        return RemoteRun(self, mode, items, total, remote_options, opts.progress, ordered)
 
     # --------------------------------------------------------------- closing
 
@@ -202,3 +181,59 @@ class RemoteMapper:
 
     def __repr__(self) -> str:
         return f"<RemoteMapper {self._name} on {self.cluster.name} replicas={self.num_replicas}>"
+
+
+class RemoteRun:
+    """One map of a placed Mapper, not yet started: it runs as its :meth:`results` are read.
+
+    As :class:`~runmap.mapper.run.MapRun` for a local Mapper, it can be
+    cancelled from another thread (the async forms do): the map leaves at its
+    next exchange with the service, within ``WAIT_SECONDS``, and is cancelled there.
+    """
+
+    def __init__(self, mapper: RemoteMapper, mode: int, items: Iterator[Any], total: int | None,
+                 options: dict[str, Any], progress: bool, ordered: bool) -> None:
+        self.mapper = mapper
+        self.mode, self.items, self.total, self.options = mode, items, total, options
+        self.progress, self.ordered = progress, ordered
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def results(self) -> Generator[Any, None, None]:
+        mapper, items = self.mapper, self.items
+        map_id, credit = mapper._invoke("open", self.mode, self.total, self.options, self.ordered)
+        bar = Progress(self.progress, self.total, mapper._name)
+        shown = 0
+        end = finished = False
+        source_error: Exception | None = None
+        try:
+            while not self.cancelled:
+                batch: list[Any] = []
+                if not end and credit > 0:
+                    try:
+                        batch.extend(islice(items, credit))
+                    except Exception as exc:  # raised after the results of the inputs before it, as map does
+                        source_error, end = exc, True
+                    end = end or len(batch) < credit
+                reply = mapper._invoke("exchange", map_id, batch, end, 0.0 if batch and not end else WAIT_SECONDS)
+                credit = reply.credit
+                bar.update(reply.tally.done - shown)
+                shown = reply.tally.done
+                bar.story(reply.tally.retried, reply.tally.replaced, reply.tally.errors)
+                yield from reply.results
+                if reply.finished:
+                    finished = True
+                    if reply.error is not None:
+                        raise reply.error
+                    if source_error is not None:
+                        raise source_error
+                    return
+        finally:
+            bar.close()
+            if not finished and not mapper._closed:
+                try:
+                    mapper._invoke("cancel", map_id)
+                except Exception:  # the servlet is gone; its maps went with it
+                    pass

@@ -222,6 +222,12 @@ class MapperService:
         tally = Tally(session.tally.done, session.tally.retried, session.tally.replaced, session.tally.errors)
         return Reply(results, tally, session.credit(), finished, error)
 
+    def maps(self) -> list[str]:
+        """The ids of the maps running now."""
+        self._seen()
+        with self._lock:
+            return list(self._sessions)
+
     def cancel(self, map_id: str) -> None:
         self._seen()
         with self._lock:

@@ -232,3 +232,30 @@ def test_a_silent_client_has_its_map_cancelled_and_replicas_released(cluster: rm
             placed.call(1, "/dev/null")
     finally:
         placed.close()
+
+
+def test_the_async_forms_and_an_async_map_left_early(cluster: rm.LocalCluster) -> None:
+    import asyncio
+
+    with rm.mapper(triple, num_replicas=2).to(cluster) as placed:
+
+        async def main() -> tuple[list[int], list[int], list[int]]:
+            whole = await placed.amap(range(500), progress=False)
+            unordered = sorted([r async for r in placed.aimap_unordered(range(100), progress=False)])
+            first: list[int] = []
+            async for r in placed.aimap(itertools.count(), progress=False):  # endless: only a cancel ends it
+                first.append(r)
+                if len(first) == 10:
+                    break
+            return whole, unordered, first
+
+        whole, unordered, first = asyncio.run(main())
+        assert whole == [3 * x for x in range(500)]
+        assert unordered == [3 * x for x in range(100)]
+        assert first == [3 * x for x in range(10)]
+        # The endless map was cancelled on the cluster: the service has no map running, and maps on.
+        deadline = time.monotonic() + 10
+        while placed._invoke("maps"):
+            assert time.monotonic() < deadline, "the abandoned map still runs on the cluster"
+            time.sleep(0.05)
+        assert placed.map([1, 2], progress=False) == [3, 6]
