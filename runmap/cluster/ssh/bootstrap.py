@@ -9,8 +9,7 @@ virtual environment holding
   by a ``.pth`` file (a ``runmap-<version>.dist-info`` beside it lets
   ``importlib.metadata`` find its version);
 - the client's exact versions of runmap's runtime dependencies, all the way
-  down (``cloudpickle``, ``uvicorn`` and what ``uvicorn[standard]`` brings:
-  ``httptools``, ``uvloop``...; ``tqdm``), read with :mod:`importlib.metadata`
+  down (``cloudpickle``, ``uvicorn``, ``httptools``, ``uvloop``, ``tqdm``...), read with :mod:`importlib.metadata`
   and pinned ``name==version`` (markers are evaluated for the host's Python
   when ``packaging`` is importable on the client);
 - the env's own requirements (``reqs``).
@@ -74,7 +73,7 @@ RESULT_PREFIX = "runmap-json:"
 # Tools of the client, not of a servlet: never installed on a host.
 NOT_PINNED = frozenset({"runmap", "uv", "pip", "setuptools", "wheel"})
 # runmap's runtime requirements when it runs from a source tree with no installed metadata.
-FALLBACK_REQUIREMENTS = ("cloudpickle", "uvicorn[standard]", "tqdm")
+FALLBACK_REQUIREMENTS = ("cloudpickle", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "tqdm")
 IMPORT_CHECK = "import runmap, cloudpickle, uvicorn"
 MIN_PYTHON = (3, 10)
 
@@ -378,7 +377,7 @@ def _normalize(name: str) -> str:
 def pinned_requirements(markers: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """``name==version`` of every distribution runmap needs at run time, as installed on this client.
 
-    Follows runmap's requirements (and their extras: ``uvicorn[standard]``) through the
+    Follows runmap's requirements (and the extras they ask for) through the
     installed metadata. A requirement is followed if its marker holds for ``markers`` (the
     host's environment) when ``packaging`` can evaluate it, else if it names no extra but
     one asked for; one that is not installed here is left to the host's installer.
