@@ -23,6 +23,7 @@ from runmap.envs.env import Env
 from runmap.exceptions import RunmapError
 from runmap.mapper.progress import Progress
 from runmap.mapper.run import input_len, parse_options, zip_inputs
+from runmap.mapper.service import WINDOW, Sizer
 from runmap.module import Function, RemoteInstance, _single_call, module
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ class RemoteRun:
         mapper, items = self.mapper, self.items
         map_id, credit = mapper._invoke("open", self.mode, self.total, self.options, self.ordered)
         bar = Progress(self.progress, self.total, mapper._name)
+        sizer = Sizer(WINDOW)
         shown = 0
         end = finished = False
         source_error: Exception | None = None
@@ -212,17 +214,19 @@ class RemoteRun:
             while not self.cancelled:
                 batch: list[Any] = []
                 if not end and credit > 0:
+                    room = min(credit, sizer.next())
                     try:
-                        batch.extend(islice(items, credit))
+                        batch.extend(islice(items, room))
                     except Exception as exc:  # raised after the results of the inputs before it, as map does
                         source_error, end = exc, True
-                    end = end or len(batch) < credit
-                reply = mapper._invoke("exchange", map_id, batch, end, 0.0 if batch and not end else WAIT_SECONDS)
+                    end = end or len(batch) < room
+                wait = 0.0 if batch and not end else WAIT_SECONDS
+                reply = mapper._invoke("exchange", map_id, sizer.dumps(batch), end, wait)
                 credit = reply.credit
                 bar.update(reply.tally.done - shown)
                 shown = reply.tally.done
                 bar.story(reply.tally.retried, reply.tally.replaced, reply.tally.errors)
-                yield from reply.results
+                yield from ser.loads(reply.results)
                 if reply.finished:
                     finished = True
                     if reply.error is not None:

@@ -34,7 +34,41 @@ from runmap.mapper.run import MapRun
 
 WINDOW = 2048  # inputs a client may have fed that the map has not yet taken (plus one batch it reads)
 RESULTS_PER_EXCHANGE = 4096
+EXCHANGE_BYTES = 8 << 20  # about this many pickled bytes of inputs, or of results, per exchange
+GROWTH = 8  # an exchange carries at most this many times the items of the one before
 _END = object()
+
+
+class Sizer:
+    """How many items the next exchange may carry, so that it holds about ``EXCHANGE_BYTES``.
+
+    Counts alone would let 2,048 inputs of 10 MB go up in one exchange: the first
+    exchange of a map carries one item, and each later one as many as fit by the
+    pickled size per item of the one before, growing at most ``GROWTH`` times an exchange
+    (a first item smaller than the rest must not open the gates). Used on both sides:
+    the client for inputs, the service for results.
+    """
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._last = 0  # items the last exchange carried
+        self._per_item = 0.0
+
+    def next(self) -> int:
+        if not self._last:
+            return 1
+        fit = int(EXCHANGE_BYTES / max(self._per_item, 1.0))
+        return max(1, min(self.most, GROWTH * self._last, fit))
+
+    def measured(self, count: int, size: int) -> None:
+        if count:
+            self._last, self._per_item = count, size / count
+
+    def dumps(self, items: list[Any]) -> bytes:
+        """``items`` pickled, their size measured for the next exchange."""
+        data = ser.dumps(items)
+        self.measured(len(items), len(data))
+        return data
 
 
 @dataclass
@@ -60,7 +94,7 @@ class Tally:
 class Reply:
     """What one exchange hands back: results in order, progress, room for more inputs, and whether it ended."""
 
-    results: list[Any]
+    results: bytes  # the pickled list of results (Sizer.dumps)
     tally: Tally
     credit: int
     finished: bool = False
@@ -80,6 +114,7 @@ class _Session:
         self.read = 0
         self.end_fed = False
         self.taker_waiting = False
+        self.sizer = Sizer(RESULTS_PER_EXCHANGE)
         self.tally = Tally()
         self.cancelled = False
         self.run: MapRun | None = None
@@ -116,10 +151,10 @@ class _Session:
             self._put(("error", exc))
 
     def _put(self, entry: tuple[str, Any]) -> None:
-        if len(self.outbox) >= RESULTS_PER_EXCHANGE:
+        if len(self.outbox) >= 2 * self.sizer.next():
             with self.changed:
-                # A client that takes no results stops the map here: its outbox holds one exchange's worth.
-                self.changed.wait_for(lambda: self.cancelled or len(self.outbox) < RESULTS_PER_EXCHANGE)
+                # A client that takes no results stops the map here: its outbox holds two exchanges' worth.
+                self.changed.wait_for(lambda: self.cancelled or len(self.outbox) < 2 * self.sizer.next())
         self.outbox.append(entry)  # without the lock: one result is cheap; a waiting taker is woken below
         if self.taker_waiting:
             with self.changed:
@@ -134,23 +169,25 @@ class _Session:
         if end:
             self.inbox.put(_END)
 
-    def take(self, wait: float) -> tuple[list[Any], bool, BaseException | None]:
-        """The results ready, waiting up to ``wait`` s for one, or for room for more inputs."""
+    def take(self, wait: float) -> tuple[bytes, bool, BaseException | None]:
+        """The results ready (pickled), waiting up to ``wait`` s for one, or for room for more inputs."""
         results: list[Any] = []
+        finished, error = False, None
         with self.changed:
             self.taker_waiting = True  # before looking: a result appended after this wakes it
             self.changed.wait_for(
                 lambda: self.outbox or self.cancelled or (not self.end_fed and self.credit() >= WINDOW // 2), wait
             )
             self.taker_waiting = False
-            while self.outbox and len(results) < RESULTS_PER_EXCHANGE:
+            most = self.sizer.next()
+            while self.outbox and len(results) < most:
                 tag, value = self.outbox.popleft()
                 if tag != "ok":
-                    self.changed.notify_all()
-                    return results, True, value
+                    finished, error = True, value
+                    break
                 results.append(value)
             self.changed.notify_all()
-        return results, False, None
+        return self.sizer.dumps(results), finished, error
 
     def credit(self) -> int:
         return max(0, WINDOW - (self.fed - self.read))
@@ -210,11 +247,11 @@ class MapperService:
             self._sessions[map_id] = session
         return map_id, session.credit()
 
-    def exchange(self, map_id: str, items: list[Any], end: bool, wait: float) -> Reply:
-        """Feeds inputs, then takes the results ready (waiting up to ``wait`` s for the first)."""
+    def exchange(self, map_id: str, items: bytes, end: bool, wait: float) -> Reply:
+        """Feeds inputs (a pickled list), then takes the results ready (waiting up to ``wait`` s for the first)."""
         self._seen()
         session = self._session(map_id)
-        session.feed(items, end)
+        session.feed(ser.loads(items), end)
         results, finished, error = session.take(wait)
         if finished:
             with self._lock:

@@ -211,7 +211,7 @@ def nodes() -> Iterator[RayTestCluster]:
         cluster.shutdown()
     assert _wait_until(lambda: not (_children() - before_procs)), "Ray left processes behind"
     # tqdm's monitor thread stays once a bar was shown (the leak fixture allows it too).
-    left = lambda: {t for t in set(threading.enumerate()) - before_threads if t.name != "TMonitor"}  # noqa: E731
+    left = lambda: {t for t in set(threading.enumerate()) - before_threads if type(t).__name__ != "TMonitor"}  # noqa: E731
     assert _wait_until(lambda: not left()), f"Ray left threads behind: {left()}"
 
 

@@ -125,6 +125,34 @@ def test_an_endless_generator_streams_in_a_window(cluster: rm.LocalCluster) -> N
         assert placed.map(range(3), progress=False) == [0, 3, 6]  # the endless map was cancelled
 
 
+def echo(x: bytes) -> bytes:
+    return x
+
+
+def test_large_inputs_and_results_travel_in_exchanges_of_bounded_size(cluster: rm.LocalCluster) -> None:
+    from runmap.mapper.service import EXCHANGE_BYTES
+
+    blobs = [os.urandom(1 << 20) for _ in range(40)]  # distinct: pickle would send one object once
+    with rm.mapper(echo, num_replicas=2).to(cluster) as placed:
+        up: list[int] = []
+        down: list[int] = []
+        invoke = placed._invoke
+
+        def spy(method: str, *args: object) -> object:
+            reply = invoke(method, *args)
+            if method == "exchange":
+                up.append(len(args[1]))  # type: ignore[arg-type]
+                down.append(len(reply.results))
+            return reply
+
+        placed._invoke = spy  # type: ignore[method-assign]
+        assert placed.map(iter(blobs), progress=False) == blobs
+    # 2,048 inputs of a MB would be 2 GB in one exchange: each direction keeps to about EXCHANGE_BYTES.
+    assert max(up) <= EXCHANGE_BYTES + (2 << 20), max(up)
+    assert max(down) <= EXCHANGE_BYTES + (2 << 20), max(down)
+    assert sum(up) >= 40 << 20 and sum(down) >= 40 << 20, (up, down)
+
+
 def test_the_client_progress_bar_counts_the_remote_map(
     cluster: rm.LocalCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
