@@ -327,6 +327,7 @@ class EC2Cluster(Cluster):
             config_file=config,
             accept_new_host_keys=self.host_keys == "accept-new",
             resources={host: {k: v * workers[host] for k, v in self.worker_compute.items()} for host in hosts},
+            default_compute=self.worker_compute,  # a replica that asks for nothing takes one worker's room
             stream_logs=False,  # this cluster follows its servlets' logs
             start_timeout=self._start_timeout or START_TIMEOUT,
         )
@@ -338,8 +339,6 @@ class EC2Cluster(Cluster):
         return f"{workers * r['cpu']:g}/{workers * r['memory_gb']:g}/{workers * r['gpus']}"
 
     def _launch(self, env: Env) -> Servlet:
-        if not env.compute:
-            env = dataclasses.replace(env, compute=self.worker_compute)  # one worker's room
         self.up()
         inner = self._place(env)
         if inner is None:
@@ -350,6 +349,27 @@ class EC2Cluster(Cluster):
                     self._acquire(1)
                     inner = self._groups[-1]._launch(env)
         return Servlet(inner.env, self, inner.endpoint, inner.process)
+
+    def from_inside(self) -> Callable[[], Cluster]:
+        """The instances this cluster holds, reached as SSH hosts from the one a servlet runs on.
+
+        A Mapper placed on an EC2 cluster (:meth:`runmap.Mapper.to`) starts its replicas
+        on the instances held when it is placed, as an SSH cluster of them, with the
+        key and host keys this client logs in with (runmap/cluster/ssh/access.py). It
+        launches nothing: AWS credentials stay on the client. A replica that dies is
+        replaced on the room left on those instances.
+        """
+        from runmap.cluster.ssh.access import FromInside, gather
+
+        self.up()
+        with self._up_lock:
+            groups = list(self._groups)
+        hosts = [access for g in groups for access in gather(g.hosts, g.config_file, g.key)]
+        resources = {host: room for g in groups for host, room in (g.resources or {}).items()}
+        first = groups[0]
+        options = {"resources": resources, "default_compute": self.worker_compute, "max_body": first.max_body,
+                   "start_timeout": first.start_timeout}
+        return FromInside(tuple(hosts), f"{self.name}-inside", options)
 
     def _place(self, env: Env) -> Servlet | None:
         for group in list(self._groups):

@@ -63,6 +63,7 @@ class SSHCluster(Cluster):
             key is refused, with a message that says how to accept it.
         resources: what each host offers, by host name (``{"host-a": {"CPU": 8}}``),
             in place of what it reports.
+        default_compute: what a replica whose env names no ``compute`` takes (default ``{"CPU": 1}``).
         max_body: the largest request body a servlet accepts, in bytes.
         stream_logs: print what replicas print on this client's stdout, prefixed.
         log_max_bytes: the cap on one replica's log file on this client (what its servlet and
@@ -88,6 +89,7 @@ class SSHCluster(Cluster):
         config_file: str | os.PathLike[str] | None = None,
         accept_new_host_keys: bool = False,
         resources: dict[str, dict[str, float]] | None = None,
+        default_compute: dict[str, float] | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         stream_logs: bool = True,
         start_timeout: float = START_TIMEOUT,
@@ -107,6 +109,7 @@ class SSHCluster(Cluster):
         self.config_file = os.fspath(config_file) if config_file else None
         self.key = os.fspath(key) if key else None
         self.resources = resources
+        self.default_compute = default_compute
         self._closers: list[Callable[[], None]] = []
         self._sockets = _socket_dir(uuid.uuid4().hex[:8])  # one per cluster: two of one name never collide
         self._connections: dict[str, SSHConnection] = {}
@@ -144,7 +147,8 @@ class SSHCluster(Cluster):
                 host: overrides.get(host)
                 or {"CPU": float(info.cpus), "memory": info.memory_gb * 2**30, "GPU": float(info.gpus)}
                 for host, info in infos.items()
-            }
+            },
+            default_compute,
         )
 
     # ------------------------------------------------------------ bootstrap
@@ -271,8 +275,8 @@ class SSHCluster(Cluster):
         """
         from runmap.cluster.ssh.access import FromInside, gather
 
-        options = {"resources": self.resources, "max_body": self.max_body, "stream_logs": self.stream_logs,
-                   "start_timeout": self.start_timeout}
+        options = {"resources": self.resources, "default_compute": self.default_compute, "max_body": self.max_body,
+                   "stream_logs": self.stream_logs, "start_timeout": self.start_timeout}
         return FromInside(tuple(gather(self.hosts, self.config_file, self.key)), f"{self.name}-inside", options)
 
     def on_close(self, callback: Callable[[], None]) -> None:

@@ -28,9 +28,13 @@ class Placement:
 
     Args:
         hosts: each host's name and what it has (``CPU``, ``memory`` in bytes, ``GPU``, custom keys).
+        default_compute: what a replica whose env asks for nothing takes (an EC2 cluster's: one worker's room).
     """
 
-    def __init__(self, hosts: Mapping[str, Mapping[str, float]]) -> None:
+    def __init__(
+        self, hosts: Mapping[str, Mapping[str, float]], default_compute: Mapping[str, float] | None = None
+    ) -> None:
+        self.default = dict(default_compute or DEFAULT_COMPUTE)
         self.total = {host: dict(resources) for host, resources in hosts.items()}
         self.used: dict[str, dict[str, float]] = {host: {} for host in hosts}
         self.lost: set[str] = set()
@@ -38,7 +42,7 @@ class Placement:
 
     def place(self, replica: str, compute: Mapping[str, float]) -> str:
         """Reserves ``compute`` on the first host with room; returns the host."""
-        asked = dict(compute) or DEFAULT_COMPUTE
+        asked = dict(compute) or self.default
         with self._lock:
             for host in self.total:
                 if host not in self.lost and self._fits(host, asked):
@@ -53,7 +57,7 @@ class Placement:
 
     def release(self, host: str, compute: Mapping[str, float]) -> None:
         """Gives back what a replica on ``host`` had reserved."""
-        asked = dict(compute) or DEFAULT_COMPUTE
+        asked = dict(compute) or self.default
         with self._lock:
             used = self.used.get(host)
             if used is None:

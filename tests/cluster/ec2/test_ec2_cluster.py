@@ -193,3 +193,19 @@ def test_runmap_status_lists_the_instances_and_runmap_down_terminates_them(
     finally:
         cluster.close()
     ssh_hosts.assert_clean(within=15)
+
+
+def test_a_mapper_placed_on_the_instances_maps_there_and_ends_with_them(moto: str, ssh_hosts: SshHosts) -> None:
+    lines: list[str] = []
+    reach = SshdReach(ssh_hosts)
+    cluster = ec2_cluster(ssh_hosts, reach, lines, name="placed-ec2")
+    with cluster:
+        with rm.mapper(square_where, num_replicas=3).to(cluster) as placed:
+            # The Mapper runs on one instance and starts its replicas on the instances held.
+            users = {ssh_hosts.host(alias).user for alias in reach.assigned.values()}
+            assert {r.split("@")[1] for r in placed.replicas} == {h.host for h in cluster.held}
+            results = placed.map(range(300), progress=False)
+        assert [r for r, _ in results] == [x * x for x in range(300)]
+        assert {user for _, user in results} <= users and len({user for _, user in results}) > 1
+    assert live_instances() == []
+    ssh_hosts.assert_clean(within=15)
