@@ -19,8 +19,14 @@ test: $(VENV)/.installed-test
 	scripts/install-test-tools.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The side-by-side run, then the sections on clusters (placed Mapper, SSH tunnel, three Ray nodes),
+# each of which rewrites its own part of docs/benchmarks.md. The SSH ones start the test sshd hosts.
 bench: $(VENV)/.installed-test
+	scripts/install-test-tools.sh
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/remote_mapper.py
+	$(PY) benchmarks/ssh_tunnel.py
+	$(PY) benchmarks/ray_three_nodes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
