@@ -148,6 +148,11 @@ class Dispatcher:
             self._aborted.append(lane)
         self._wake()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread still dispatches (it ends when closed, or on a bug)."""
+        return self._thread.is_alive() and not self._stopping
+
     def wake_if_idle(self) -> None:
         """Called when a task is queued: the thread looks at the queue again if it waits."""
         if self._sleeping:
@@ -197,16 +202,20 @@ class Dispatcher:
                         self._read(lane)
                     if mask & selectors.EVENT_WRITE and not lane.closed:
                         self._flush(lane)
-        except BaseException:  # pragma: no cover - a bug here must not leave maps waiting forever
+        except BaseException as exc:  # a bug here must not leave maps waiting forever
             log.exception("runmap's dispatch thread failed")
-        finally:
+            self._shut()
+            self.pool.dispatch_failed(exc)
+        else:
             self._shut()
 
     def _shut(self) -> None:
         with self._lock:
             lanes = self._lanes + self._added
             self._added = []
-        closed = ReplicaDiedError("the Mapper was closed while this input ran")
+        closed = ReplicaDiedError(
+            "the Mapper was closed while this input ran" if self._stopping else "runmap's dispatch thread failed"
+        )
         for lane in lanes:
             calls, lane.inflight = list(lane.inflight.values()), {}
             lane.closed = True

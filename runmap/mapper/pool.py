@@ -113,7 +113,7 @@ class ReplicaPool:
             self._broken = None
             # Started under the lock: a close() that sees this replica stops every one of its slots.
             if sock is not None:
-                if self._dispatcher is None:
+                if self._dispatcher is None or not self._dispatcher.alive:
                     self._dispatcher = Dispatcher(self, self.concurrency)
                     self.tasks.on_put = self._dispatcher.wake_if_idle
                 replica.channels.append(self._dispatcher.add(replica, sock, self.method))
@@ -224,6 +224,15 @@ class ReplicaPool:
         if isinstance(exc, SerializationError):
             exc = _name_inputs(exc, task, replica.name)
         task.sink.failed(task, exc)
+
+    def dispatch_failed(self, exc: BaseException) -> None:
+        """The dispatch thread died of a bug: no call can be sent any more, so every task fails, now and later."""
+        broken = ReplicaDiedError(f"runmap's dispatch thread failed ({exc!r}): this Mapper cannot send calls")
+        with self._lock:
+            self._broken = broken
+            queued = self.tasks.drain()
+        for task in queued:
+            task.sink.failed(task, broken)
 
     def give_up(self, task: Task, exc: BaseException) -> None:
         """``task`` will not run: it fails with ``exc``."""

@@ -125,3 +125,19 @@ def test_the_calls_in_flight_on_one_connection_run_at_once(cluster: rm.LocalClus
         assert mapper.map([0.6] * 4, chunksize=1, progress=False) == [0.6] * 4
         assert time.perf_counter() - started < 4 * 0.6 * 0.75  # not one after another
 
+
+
+def test_a_dispatch_thread_that_fails_fails_the_map_instead_of_hanging(
+    cluster: rm.LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runmap.mapper.dispatch import Dispatcher
+
+    with rm.mapper(rm.function(jittery).to(cluster), num_replicas=1) as mapper:
+        assert mapper.map([2], progress=False) == [4]
+
+        def broken(self: Dispatcher) -> bool:
+            raise RuntimeError("a bug in the dispatch loop")
+
+        monkeypatch.setattr(Dispatcher, "_feed", broken)
+        with pytest.raises(rm.ReplicaDiedError, match="dispatch thread failed"):
+            mapper.map(range(10), progress=False)
