@@ -178,14 +178,19 @@ class SubprocessServlet(ServletProcess):
         self._status: ExitStatus | None = None
         self._stopping = False
         self._lock = threading.Lock()
+        # Popen.poll answers None, "still running", to a thread that calls it while another does:
+        # the watcher's callback, a failover and a probe ask at once when a replica dies.
+        self._poll_lock = threading.Lock()
 
     def poll(self) -> ExitStatus | None:
         if self._status is None:
-            code = self.proc.poll()
-            if code is not None:
-                if self.log_copier is not None:
-                    self.log_copier.join(STOP_GRACE)  # its last words are in its log before anyone reads them
-                self._status = STOPPED if self._stopping else self._describe_exit(code)
+            with self._poll_lock:
+                if self._status is None:
+                    code = self.proc.poll()
+                    if code is not None:
+                        if self.log_copier is not None:
+                            self.log_copier.join(STOP_GRACE)  # its last words are in its log before anyone reads them
+                        self._status = STOPPED if self._stopping else self._describe_exit(code)
         return self._status
 
     def output_done(self) -> bool:

@@ -348,8 +348,16 @@ class ReplicaPool:
 
     def retire_dead(self, replica: Replica) -> None:
         """Retires a replica whose servlet has ended, noticed while it may have been idle."""
-        status = replica.remote.servlet.exit_status()
-        self._retire(replica, f"died: {status}" if status is not None and status.crashed else str(status))
+        servlet = replica.remote.servlet
+        status = servlet.exit_status()
+        deadline = time.monotonic() + EXIT_WAIT
+        while status is None and time.monotonic() < deadline:  # its exit is still being collected
+            time.sleep(0.01)
+            status = servlet.exit_status()
+        if status is None:
+            self._retire(replica, "ended")
+        else:
+            self._retire(replica, f"died: {status}" if status.crashed else str(status))
 
     def _retire(self, replica: Replica, reason: str, kill: bool = False) -> None:
         with self._lock:

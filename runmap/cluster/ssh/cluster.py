@@ -194,12 +194,17 @@ class SSHCluster(Cluster):
 
     def _launch(self, env: Env) -> Servlet:
         env.checked_working_dir()  # a ConfigError before a host is taken
-        host = self.placement.place(env.name, env.compute)
-        try:
-            return self._launch_on(host, env)
-        except BaseException:
-            self.placement.release(host, env.compute)
-            raise
+        while True:
+            host = self.placement.place(env.name, env.compute)
+            try:
+                return self._launch_on(host, env)
+            except BaseException:
+                self.placement.release(host, env.compute)
+                if self._connections[host].alive():
+                    raise
+                # The host went away, maybe before its sessions' ends said so (a replacement for one
+                # of its replicas can be placed first): it takes nothing more, and the next host is tried.
+                self.placement.lose(host)
 
     def _launch_on(self, host: str, env: Env) -> Servlet:
         conn = self._connections[host]

@@ -102,6 +102,21 @@ def test_killing_a_host_mid_map_loses_nothing(ssh_hosts: SshHosts, hosts: SSHClu
     ssh_hosts.assert_clean("host-b", within=10)  # its servlets left when their sessions ended
 
 
+def test_a_replica_placed_on_a_host_that_just_went_away_starts_on_the_next(
+    ssh_hosts: SshHosts, hosts: SSHCluster
+) -> None:
+    # No session of host-a has ended yet, so nothing has told the placement that host-a is gone:
+    # a replacement for one of its replicas can be in exactly this spot.
+    ssh_hosts.kill("host-a")
+    try:
+        fn = rm.function(os.getpid).to(hosts, env=rm.env(name="moved", compute={"CPU": 1}))
+        assert fn.servlet.host == "host-b"
+        assert isinstance(fn(), int)
+        assert hosts.placement.lost == {"host-a"}
+    finally:
+        ssh_hosts.start("host-a")
+
+
 def test_an_idle_remote_replica_killed_is_noticed_at_once(ssh_hosts: SshHosts, hosts: SSHCluster) -> None:
     env = rm.env(name="idle", compute={"CPU": 1})
     fn = rm.function(os.getpid).to(hosts, env=env)
