@@ -91,7 +91,7 @@ NOTES = {
     "b": "Speedup = sequential seconds / parallel seconds, sequential measured in its own process, "
     "each round's parallel run paired with the same round's sequential one (median of the pairs shown).",
     "c": "runmap: a remote instance's method (`echo.echo(i)`); `Mapper.call` goes through the Mapper's "
-    "slot threads. Peers: `Pool(1).apply`, `ProcessPoolExecutor(1).submit().result()`, "
+    "dispatch thread. Peers: `Pool(1).apply`, `ProcessPoolExecutor(1).submit().result()`, "
     "Dask `client.submit().result()` (1 worker), `ray.get(actor.m.remote())`.",
     "d": "runmap: `imap(xs, chunksize=1)` on a Mapper with concurrency 4. Pool: `imap(chunksize=1)`. "
     "joblib `batch_size=1`. Dask `client.map` + `client.gather`, every call in flight at once. "
