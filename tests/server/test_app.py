@@ -23,28 +23,39 @@ def test_a_call_that_sleeps_is_timed_by_its_wall_time() -> None:
     assert not placement.inline(("m", "f"))
 
 
+SPIN = """
+import os, sys, time
+from runmap.server import app
+os.sched_setaffinity(0, {int(sys.argv[1])})
+time.sleep(0.2)  # the hogs are running
+
+
+def spin():
+    deadline = time.thread_time() + 0.05
+    while time.thread_time() < deadline:
+        pass
+    return b""
+
+
+_, wall, used = app._timed(spin)
+print(wall, used)
+"""
+
+
 def test_a_preempted_cpu_bound_call_counts_its_cpu_time() -> None:
     assert app._RUSAGE_THREAD is not None  # Linux: the switch counts this relies on
-    # Two busy processes pinned to this process's CPU take it from the call, over and over.
+    # Two busy processes pinned to one CPU take it from the call, over and over. The call runs in a
+    # process of its own: a thread of this one (pytest's, tqdm's) taking the GIL would be a wait.
     cpu = min(os.sched_getaffinity(0))
     hog = f"import os; os.sched_setaffinity(0, {{{cpu}}}); exec('while 1: pass')"
     hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(2)]
-    before = os.sched_getaffinity(0)
     try:
-        os.sched_setaffinity(0, {cpu})
-        time.sleep(0.2)  # the hogs are running
-
-        def spin() -> bytes:
-            deadline = time.thread_time() + 0.05
-            while time.thread_time() < deadline:
-                pass
-            return b""
-
-        _, wall, used = app._timed(spin)
+        done = subprocess.run([sys.executable, "-c", SPIN, str(cpu)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        wall, used = map(float, done.stdout.split())
         assert used >= 0.05
         assert wall <= used  # it waited for the CPU, not for anything of its own
     finally:
-        os.sched_setaffinity(0, before)
         for hog in hogs:
             hog.kill()
             hog.wait()
