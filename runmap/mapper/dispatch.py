@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError
-from runmap.transport.framing import IN_THREAD, MAX_CALL_ID, REQUEST, VERSION, ResponseReader
+from runmap.transport.framing import IN_THREAD, MAX_CALL_ID, CallHead, ResponseReader
 
 if TYPE_CHECKING:
     from runmap.mapper.pool import Replica, ReplicaPool
@@ -75,12 +75,11 @@ class Lane:
         self.closed = False
         self.draining = False  # a call timed out: the replica is on its way out, so it takes no more
         self._ids = itertools.count(1)
-        token = replica.remote.servlet.endpoint.token.encode()
-        module = replica.remote.module_name.encode()
-        method_name = (method or "__call__").encode()
-        # Every frame of this lane carries the same token and names: only the id, flags and length change.
-        self._sizes = (len(token), len(module), len(method_name))
-        self._names = token + module + method_name
+        self._head = CallHead(
+            replica.remote.servlet.endpoint.token.encode(),
+            replica.remote.module_name.encode(),
+            (method or "__call__").encode(),
+        )
 
     def abort(self) -> None:
         self.dispatcher.abort(self)
@@ -88,14 +87,11 @@ class Lane:
     def send(self, task: Task) -> None:
         call_id = next(self._ids) % MAX_CALL_ID or next(self._ids)
         payload = task.payload
-        flags = IN_THREAD if task.in_thread else 0
-        head = REQUEST.pack(VERSION, flags, *self._sizes, call_id, len(payload)) + self._names
+        head = self._head(len(payload), IN_THREAD if task.in_thread else 0, call_id)
         now = time.perf_counter()
-        if task.timeout is None:
-            self.inflight[call_id] = _Call(task, now, None)
-        else:
-            deadline = now + task.timeout
-            self.inflight[call_id] = _Call(task, now, deadline)
+        deadline = None if task.timeout is None else now + task.timeout
+        self.inflight[call_id] = _Call(task, now, deadline)
+        if deadline is not None:
             self.dispatcher.watch_deadline(deadline, self, call_id)
         if len(payload) <= SMALL_BODY:
             self.out.append(memoryview(head + payload))
@@ -221,7 +217,7 @@ class Dispatcher:
             lane.closed = True
             lane.sock.close()
             for call in calls:
-                self.pool.give_up(call.task, closed)
+                call.task.sink.failed(call.task, closed)
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()

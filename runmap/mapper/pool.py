@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from runmap import serialization as ser
+from runmap.cluster.process import ExitStatus
 from runmap.exceptions import ReplicaDiedError, ReplicaError, ReplicaTimeoutError, SerializationError
 from runmap.mapper.dispatch import Dispatcher, Lane
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT, LivenessMonitor, probe
@@ -113,10 +114,7 @@ class ReplicaPool:
             self._broken = None
             # Started under the lock: a close() that sees this replica stops every one of its slots.
             if sock is not None:
-                if self._dispatcher is None or not self._dispatcher.alive:
-                    self._dispatcher = Dispatcher(self, self.concurrency)
-                    self.tasks.on_put = self._dispatcher.wake_if_idle
-                replica.channels.append(self._dispatcher.add(replica, sock, self.method))
+                self._attach_lane(replica, sock)
             else:
                 for i in range(self.concurrency):
                     slot = threading.Thread(
@@ -234,10 +232,6 @@ class ReplicaPool:
         for task in queued:
             task.sink.failed(task, broken)
 
-    def give_up(self, task: Task, exc: BaseException) -> None:
-        """``task`` will not run: it fails with ``exc``."""
-        task.sink.failed(task, exc)
-
     # ---------------------------------------------------------------- deaths
 
     def lost_calls(self, replica: Replica, tasks: list[Task], exc: ReplicaDiedError) -> None:
@@ -254,23 +248,30 @@ class ReplicaPool:
         with the exit's reason; a servlet still running gets a new connection.
         One that runs but can't be reached is left to the liveness monitor.
         """
-        servlet = replica.remote.servlet
-        deadline = time.monotonic() + EXIT_WAIT
-        while servlet.is_alive() and time.monotonic() < deadline and not (self._closing or replica.retired):
-            time.sleep(0.02)
+        status = _exit_within(replica.remote.servlet, lambda: self._closing or replica.retired)
         if self._closing or replica.retired:
             return
-        if not servlet.is_alive():
+        if status is not None:
             self.retire_dead(replica)
             return
         sock = _framed_connection(replica.remote)
         if sock is None:
             return
         with self._lock:
-            if self._closing or replica.retired or self._dispatcher is None:
+            if self._closing or replica.retired:
                 sock.close()
                 return
-            replica.channels.append(self._dispatcher.add(replica, sock, self.method))
+            self._attach_lane(replica, sock)
+
+    def _attach_lane(self, replica: Replica, sock: socket.socket) -> None:
+        """Gives ``replica`` a lane on ``sock`` (a framed connection), starting the dispatch thread if need be.
+
+        Holds ``_lock``.
+        """
+        if self._dispatcher is None or not self._dispatcher.alive:
+            self._dispatcher = Dispatcher(self, self.concurrency)
+            self.tasks.on_put = self._dispatcher.wake_if_idle
+        replica.channels.append(self._dispatcher.add(replica, sock, self.method))
 
     def _lost(self, replica: Replica, task: Task, exc: ReplicaDiedError) -> None:
         if self._closing:
@@ -324,14 +325,8 @@ class ReplicaPool:
             self.submit(part, front=True)
 
     def _death_reason(self, replica: Replica, exc: ReplicaDiedError) -> str:
-        servlet = replica.remote.servlet
-        deadline = time.monotonic() + EXIT_WAIT
-        while servlet.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        status = servlet.exit_status()
-        if status is None:
-            return f"unreachable ({exc})"
-        return f"died: {status}" if status.crashed else str(status)
+        status = _exit_within(replica.remote.servlet)
+        return f"unreachable ({exc})" if status is None else _fate(status)
 
     def _answers(self, replica: Replica) -> bool:
         """Whether ``replica`` answers a health probe now (on a connection of its own)."""
@@ -348,16 +343,8 @@ class ReplicaPool:
 
     def retire_dead(self, replica: Replica) -> None:
         """Retires a replica whose servlet has ended, noticed while it may have been idle."""
-        servlet = replica.remote.servlet
-        status = servlet.exit_status()
-        deadline = time.monotonic() + EXIT_WAIT
-        while status is None and time.monotonic() < deadline:  # its exit is still being collected
-            time.sleep(0.01)
-            status = servlet.exit_status()
-        if status is None:
-            self._retire(replica, "ended")
-        else:
-            self._retire(replica, f"died: {status}" if status.crashed else str(status))
+        status = _exit_within(replica.remote.servlet)  # its exit may still be being collected
+        self._retire(replica, "ended" if status is None else _fate(status))
 
     def _retire(self, replica: Replica, reason: str, kill: bool = False) -> None:
         with self._lock:
@@ -441,6 +428,21 @@ class ReplicaPool:
             with ThreadPoolExecutor(max_workers=min(16, len(owned)), thread_name_prefix="runmap-stop") as ex:
                 for future in [ex.submit(r.provider.release, r.remote, True) for r in owned]:
                     future.result()
+
+
+def _exit_within(servlet: Servlet, stop: Callable[[], bool] = lambda: False) -> ExitStatus | None:
+    """How ``servlet`` ended, waiting up to ``EXIT_WAIT`` for it (or until ``stop()``); None if it still runs."""
+    deadline = time.monotonic() + EXIT_WAIT
+    status = servlet.exit_status()
+    while status is None and time.monotonic() < deadline and not stop():
+        time.sleep(0.02)
+        status = servlet.exit_status()
+    return status
+
+
+def _fate(status: ExitStatus) -> str:
+    """A replica's fate, as errors name it: ``died: SIGKILL(-9)``, or how it otherwise ended."""
+    return f"died: {status}" if status.crashed else str(status)
 
 
 def _framed_connection(remote: Remote) -> socket.socket | None:

@@ -65,9 +65,8 @@ class FrameProtocol(asyncio.Protocol):
         try:
             self._serve()
         finally:
-            out, self._out = self._out, None
-            if out and self.transport is not None and not self.transport.is_closing():
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._flush()
+            self._out = None
 
     def _serve(self) -> None:
         buf = self._buf
@@ -141,13 +140,14 @@ class FrameProtocol(asyncio.Protocol):
             transport.writelines((head, body))
 
     def _flush(self) -> None:
+        """Writes the answers gathered so far, in one write."""
         out = self._out
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if out:
             out.clear()
 
     def _refuse(self, call_id: int, status: int, detail: str) -> None:
-        self._flush()
         self._answer(call_id, status, json.dumps({"detail": detail}).encode())
         self._flush()
         self._buf = bytearray()

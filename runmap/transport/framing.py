@@ -32,16 +32,23 @@ MAX_CALL_ID = (1 << 32) - 1
 SCRATCH = 64 << 10  # a response body up to this is cut out of the receive buffer; a larger one is received into its own
 
 
+class CallHead:
+    """The heads of call frames to one method: the token and names are joined once, for every call."""
+
+    def __init__(self, token: bytes, module: bytes, method: bytes) -> None:
+        self._sizes = (len(token), len(module), len(method))
+        self._names = token + module + method
+
+    def __call__(self, body_length: int, flags: int = 0, call_id: int = 0) -> bytes:
+        """A call frame's header, token and names: the body follows them."""
+        return REQUEST.pack(VERSION, flags, *self._sizes, call_id, body_length) + self._names
+
+
 def request_head(
     token: bytes, module: bytes, method: bytes, body_length: int, flags: int = 0, call_id: int = 0
 ) -> bytes:
     """A call frame's header, token and names: the body follows them."""
-    return (
-        REQUEST.pack(VERSION, flags, len(token), len(module), len(method), call_id, body_length)
-        + token
-        + module
-        + method
-    )
+    return CallHead(token, module, method)(body_length, flags, call_id)
 
 
 class ResponseReader:

@@ -116,16 +116,7 @@ class HTTPChannel:
             FramesRefused: the servlet does not serve frames of this version.
             ReplicaDiedError, AuthError: as :meth:`call` does.
         """
-        sock = self._connect()
-        try:
-            self._upgrade(sock)
-        except BaseException:
-            sock.close()
-            raise
-        if self._buf:  # the servlet spoke before it was asked: not a servlet this client knows
-            sock.close()
-            raise ProtocolError(f"{self.replica} sent bytes after switching to frames, unasked", 502)
-        return sock
+        return self._connect_framed()
 
     def info(self) -> dict[str, Any]:
         return json.loads(self._request(b"GET", "/info", b"", None))  # type: ignore[no-any-return]
@@ -208,16 +199,24 @@ class HTTPChannel:
         if self._sock is not None and self._framed != framed:
             self.close()  # a framed connection carries calls only: HTTP needs a connection of its own
         if self._sock is None:
-            sock = self._connect()
             if framed:
-                try:
-                    self._upgrade(sock)
-                except BaseException:
-                    sock.close()
-                    raise
-                self._reader = frames.ResponseReader()
-            self._sock, self._framed = sock, framed
+                self._sock, self._reader = self._connect_framed(), frames.ResponseReader()
+            else:
+                self._sock = self._connect()
+            self._framed = framed
         return self._sock
+
+    def _connect_framed(self) -> socket.socket:
+        """A new connection, switched to call frames."""
+        sock = self._connect()
+        try:
+            self._upgrade(sock)
+            if self._buf:  # the servlet spoke before it was asked: not a servlet this client knows
+                raise ProtocolError(f"{self.replica} sent bytes after switching to frames, unasked", 502)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _upgrade(self, sock: socket.socket) -> None:
         """Switches a fresh connection to call frames (runmap/server/frames.py), presenting the token."""
