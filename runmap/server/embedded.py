@@ -3,8 +3,9 @@
 :mod:`runmap.server.runner` makes a whole process a servlet. Some clusters
 hand runmap a process that belongs to someone else: a Ray actor is a Ray worker
 process, whose main thread Ray keeps for the actor's own methods. There the
-servlet (the same app, the same :class:`ServletState`) runs under uvicorn in a
-background thread instead, and the host stops it when it is done.
+servlet (the same app, the same :class:`ServletState`, the same server) runs on
+an event loop of its own in a background thread instead, and the host stops it
+when it is done.
 
     >>> from runmap.server.embedded import start_servlet
     >>> servlet = start_servlet("demo", token="t0ken")
@@ -16,11 +17,11 @@ background thread instead, and the host stops it when it is done.
 from __future__ import annotations
 
 import threading
-import time
 
 from runmap.exceptions import ClusterError
 from runmap.server.app import DEFAULT_MAX_BODY, build_app
-from runmap.server.runner import bind, server_config
+from runmap.server.http import HttpServer
+from runmap.server.runner import bind
 from runmap.server.state import ServletState
 
 START_TIMEOUT = 30.0
@@ -37,7 +38,9 @@ class EmbeddedServlet:
         state: the modules it holds.
     """
 
-    def __init__(self, name: str, host: str, port: int, state: ServletState, server: object, thread: threading.Thread):
+    def __init__(
+        self, name: str, host: str, port: int, state: ServletState, server: HttpServer, thread: threading.Thread
+    ):
         self.name = name
         self.host = host
         self.port = port
@@ -49,12 +52,13 @@ class EmbeddedServlet:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Asks uvicorn to exit and waits up to ``timeout`` for its thread.
+        """Ends the server (its connections close, calls in flight are abandoned) and waits
+        up to ``timeout`` for its thread.
 
-        A user call that never returns can keep the thread past that; the thread
-        is a daemon, so it does not keep the process alive.
+        A user call that never returns keeps a worker thread, not the servlet's: the
+        server's thread ends all the same, and is a daemon anyway.
         """
-        self._server.should_exit = True  # type: ignore[attr-defined]
+        self._server.stop()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -75,36 +79,34 @@ def start_servlet(
         host: the address to listen on.
         port: the port, or 0 to let the system pick one.
         max_body: the largest request body accepted, in bytes.
-        timeout: how long uvicorn may take to start.
+        timeout: how long the server may take to start.
 
     Raises:
-        ClusterError: the socket could not be bound, or uvicorn did not start.
+        ClusterError: the socket could not be bound, or the server did not start.
     """
-    import uvicorn
-
     try:
         sock = bind(host, port)
     except OSError as exc:
         raise ClusterError(f"servlet {name!r} could not listen on {host}:{port}: {exc}") from exc
+    port = int(sock.getsockname()[1])
     state = ServletState(name)
-    server = uvicorn.Server(server_config(build_app(state, token, max_body), token))
+    server = HttpServer(build_app(state, token, max_body), token)
+    ready = threading.Event()
     failure: list[BaseException] = []
 
     def serve() -> None:
         try:
-            server.run(sockets=[sock])
+            server.serve(sock, ready=ready.set)
         except BaseException as exc:  # reported to the starter below, or lost with the thread
             failure.append(exc)
         finally:
             sock.close()
+            ready.set()  # wakes the starter if the server failed to start
 
     thread = threading.Thread(target=serve, name=f"runmap-servlet-{name}", daemon=True)
     thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            reason = repr(failure[0]) if failure else f"not started within {timeout:g} s"
-            raise ClusterError(f"servlet {name!r} did not start: {reason}")
-        time.sleep(0.01)
-    return EmbeddedServlet(name, host, int(sock.getsockname()[1]), state, server, thread)
+    if not ready.wait(timeout) or failure:
+        server.stop()
+        reason = repr(failure[0]) if failure else f"not started within {timeout:g} s"
+        raise ClusterError(f"servlet {name!r} did not start: {reason}")
+    return EmbeddedServlet(name, host, port, state, server, thread)

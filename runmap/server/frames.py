@@ -5,7 +5,7 @@ ASGI app (tens of microseconds of CPU each, which on a trivial call are most of
 its cost). A client that makes many calls on one connection therefore asks,
 once, to switch it to frames (the wire format: runmap/transport/framing.py):
 an HTTP/1.1 upgrade request that carries the token, answered with ``101`` by
-:mod:`runmap.server.protocol`, which then hands the connection to
+:mod:`runmap.server.http`, which then hands the connection to
 :class:`FrameProtocol`.
 
 A connection carries several calls at once (the Mapper keeps up to its

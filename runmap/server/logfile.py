@@ -1,6 +1,6 @@
 """A servlet's output, written to its log file with a cap on the file's size.
 
-    user code, uvicorn, child processes
+    user code, the server, child processes
         │ fds 1 and 2
         ▼
       a pipe ──► "runmap-log-writer" thread ──► <replica>.log

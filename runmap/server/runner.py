@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 from runmap.server import logfile
@@ -66,46 +67,6 @@ def watch_parent(on_gone: Any, stdin_watch: bool = True) -> None:
     threading.Thread(target=poll_parent, name="runmap-parent-watch", daemon=True).start()
 
 
-def _http_protocol(token: str, app: Any) -> Any:
-    """httptools, writing each small response in one system call, bounding what a client
-    without ``token`` can make the servlet spend, and switching an authenticated connection
-    to call frames when asked (protocol.py, frames.py); uvicorn's choice without httptools."""
-    try:
-        from runmap.server.protocol import bounded_protocol
-    except ImportError:
-        return "auto"
-    from runmap.server.frames import frame_server
-
-    return bounded_protocol(token, frames=frame_server(app))
-
-
-def server_config(app: Any, token: str | None = None) -> Any:
-    """The uvicorn configuration of every servlet, a process of its own or a thread (embedded).
-
-    ``token`` is the servlet's; by default, the one ``app``'s token check expects (``build_app``).
-    """
-    import uvicorn
-
-    if token is None:
-        expected = getattr(app, "expected", None)  # TokenAndLimitMiddleware: b"Bearer <token>"
-        if not (isinstance(expected, bytes) and expected.startswith(b"Bearer ")):
-            raise TypeError("server_config needs the servlet's token: pass token=")
-        token = expected[len(b"Bearer ") :].decode()
-    return uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=1,
-        # The hot path: loopback clients, no proxy in between, and nothing reads these headers.
-        proxy_headers=False,
-        server_header=False,
-        date_header=False,
-        ws="none",  # no websocket routes; "auto" would import websockets (~45 ms of every start)
-        http=_http_protocol(token, app),
-    )
-
-
 def raise_open_files_limit() -> None:
     """Lets the servlet open as many descriptors as its hard limit allows (connections are descriptors)."""
     try:
@@ -131,9 +92,8 @@ def main() -> None:
     os.environ.update(config.get("env_vars") or {})
 
     # runmap's own stack is imported before any path of the user's is added (see command.py).
-    import uvicorn
-
     from runmap.server.app import DEFAULT_MAX_BODY, build_app
+    from runmap.server.http import HttpServer
     from runmap.server.reaper import become_subreaper
     from runmap.server.state import ServletState
 
@@ -148,23 +108,24 @@ def main() -> None:
 
     sock = bind(config.get("host", "127.0.0.1"), int(config.get("port", 0)))
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
-    server = uvicorn.Server(server_config(app, config["token"]))
+    server = HttpServer(app, config["token"])
 
     # The client is gone, or asks this servlet to leave (it closed stdin): no one waits for
-    # an answer any more, so leave at once. uvicorn's graceful shutdown would first wait for
-    # its next tick (0.1 s) and for calls in flight, which the client has abandoned.
+    # an answer any more, not even to calls in flight, so leave at once.
     watch_parent(leave)
     sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
     # From here on, whatever user code prints goes to the servlet's log (capped: logfile.py).
     logfile.capture(log)
-    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it found: leave.
     signal.signal(signal.SIGTERM, lambda *_: leave())
-    server.run(sockets=[sock])
-    leave()
+    try:
+        server.serve(sock)  # returns only when it fails
+    except BaseException:
+        traceback.print_exc()
+    leave(1)
 
 
-def leave() -> None:
+def leave(status: int = 0) -> None:
     """Ends the servlet: first whatever user code forked, then the process, threads and all.
 
     Threads still running user code must not keep the process alive, hence ``os._exit``.
@@ -173,7 +134,7 @@ def leave() -> None:
 
     end_descendants()
     logfile.drain()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

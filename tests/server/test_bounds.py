@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import runmap as rm
-from runmap.server.protocol import HEAD_TIMEOUT_ENV, MAX_HEAD_BYTES, MAX_HEADERS, MAX_UNAUTHENTICATED
+from runmap.server.http import HEAD_TIMEOUT_ENV, MAX_HEAD_BYTES, MAX_HEADERS, MAX_UNAUTHENTICATED
 
 HEAD_TIMEOUT = 1.0  # the fast servlet's head timeout, set through its environment
 CLOSE_SLACK = 4.0  # how much later than its timeout the servlet may close a connection
@@ -243,7 +243,7 @@ def test_a_head_sent_a_byte_at_a_time_is_cut_off(fast: Servlet) -> None:
 
 
 def test_a_kept_alive_connection_that_starts_a_head_is_cut_off(fast: Servlet) -> None:
-    # uvicorn's keep-alive timer ends at the first byte of the next request, complete or not (a bare CRLF
+    # The keep-alive timer ends at the first byte of the next request, complete or not (a bare CRLF
     # starts no request at all): without the token, the next request has the head timeout to arrive.
     with _connect(fast) as sock:
         assert _request(sock, "/health") == 200
@@ -261,7 +261,7 @@ def test_a_call_or_a_pause_longer_than_the_head_timeout_is_not_cut(fast: Servlet
     assert sleep(HEAD_TIMEOUT * 2) is None
     with _connect(fast) as sock:
         assert _request(sock, "/info", fast.token) == 200
-        # Kept alive and idle for longer than the head timeout (not than uvicorn's keep-alive): still open.
+        # Kept alive and idle for longer than the head timeout (not than the keep-alive timeout): still open.
         until = time.monotonic() + HEAD_TIMEOUT * 2
         sock.settimeout(0.1)
         while time.monotonic() < until:

@@ -1,152 +1,120 @@
-"""The private APIs the servlet leans on, so that an upgrade that breaks them fails here, by name.
+"""What the servlet leans on that no documentation promises, so that an upgrade that breaks it fails here, by name.
 
-runmap/server/protocol.py subclasses uvicorn's ``HttpToolsProtocol`` (not a
-public API) and overrides its parser callbacks; runmap/server/app.py swaps the
-running loop with ``asyncio.events._set_running_loop``. pyproject.toml pins
-uvicorn to the versions this was tested with.
+runmap/server/http.py drives httptools' request parser through its callbacks and
+relies on how it reports an upgrade, an error in a callback and bytes after a
+last request; runmap/server/app.py swaps the running loop with
+``asyncio.events._set_running_loop``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import re
-import socket
-from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import httptools
 import pytest
-import uvicorn
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
-
-from runmap.server.protocol import BoundedHttpToolsProtocol, bounded_protocol
-
-PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
-def _pinned(package: str) -> SpecifierSet:
-    dependencies = PYPROJECT.read_text().split("dependencies = [", 1)[1].split("]\n", 1)[0]
-    match = re.search(rf'"{package}(?:\[[^\]]*\])?([^"]*)"', dependencies)
-    assert match, f"{package} is not among the dependencies in {PYPROJECT}"
-    return SpecifierSet(match.group(1))
+class Recorder:
+    """The parser callbacks runmap/server/http.py defines, recording what they are given."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.events: list[Any] = []
+
+    def on_message_begin(self) -> None:
+        self.events.append("begin")
+
+    def on_url(self, url: bytes) -> None:
+        self.events.append(("url", url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.events.append(("header", name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        self.events.append(("head", p.get_method(), p.get_http_version(), p.should_keep_alive(), p.should_upgrade()))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(("body", body))
+
+    def on_message_complete(self) -> None:
+        self.events.append("end")
 
 
-def test_the_installed_uvicorn_is_in_the_pinned_range() -> None:
-    pinned = _pinned("uvicorn")
-    assert any(spec.operator == "<" for spec in pinned), f"uvicorn{pinned} has no upper bound"
-    assert Version(version("uvicorn")) in pinned, f"uvicorn {version('uvicorn')} is outside uvicorn{pinned}"
+def test_the_parser_calls_back_once_a_header_is_whole_and_gives_the_url_in_pieces() -> None:
+    r = Recorder()
+    for piece in (b"GET /a", b"b?q=1 HTTP/1.1\r\nHo", b"st: x", b"y  \r\nX-Empty:\r\n\r\n"):
+        r.parser.feed_data(piece)
+    assert r.events == [
+        "begin",
+        ("url", b"/a"),
+        ("url", b"b?q=1"),
+        ("header", b"Host", b"xy  "),  # as sent: trailing whitespace kept, the name not lowercased
+        ("header", b"X-Empty", b""),
+        ("head", b"GET", "1.1", True, False),
+        "end",
+    ]
+    url = httptools.parse_url(b"/a%2Fb?q=1")
+    assert (url.path, url.query) == (b"/a%2Fb", b"q=1")
 
 
-# What BoundedHttpToolsProtocol (and CoalescingHttpToolsProtocol) override or call, with the
-# parameters they pass: each must be uvicorn's own method, called the same way.
-OVERRIDDEN = {
-    "__init__": ["self", "config", "server_state", "app_state", "_loop"],
-    "connection_made": ["self", "transport"],
-    "connection_lost": ["self", "exc"],
-    "data_received": ["self", "data"],
-    "on_header": ["self", "name", "value"],
-    "on_headers_complete": ["self"],
-    "on_message_complete": ["self"],
-    "on_response_complete": ["self"],
-    "send_400_response": ["self", "msg"],
-    "_should_upgrade": ["self"],  # the switch to call frames (frames.py) rides uvicorn's websocket upgrade
-    "handle_websocket_upgrade": ["self"],
-}
+def test_the_parser_decodes_a_chunked_body_and_tells_keep_alive() -> None:
+    r = Recorder()
+    r.parser.feed_data(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert [e for e in r.events if e[0] == "body"] == [("body", b"abc"), ("body", b"de")]
+    assert r.events[-1] == "end"
+    for request, keep_alive in [
+        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\n\r\n", False),
+        (b"HEAD / HTTP/1.1\r\n\r\n", True),
+    ]:
+        r = Recorder()
+        r.parser.feed_data(request)
+        assert r.events[-2][3] is keep_alive, request
 
 
-@pytest.mark.parametrize("name", sorted(OVERRIDDEN))
-def test_uvicorn_has_the_methods_the_servlet_overrides(name: str) -> None:
-    method = HttpToolsProtocol.__dict__.get(name)
-    assert inspect.isfunction(method), f"HttpToolsProtocol.{name} is gone"
-    assert list(inspect.signature(method).parameters) == OVERRIDDEN[name]
-    if name != "__init__":
-        assert name in BoundedHttpToolsProtocol.__dict__ or name in BoundedHttpToolsProtocol.__mro__[1].__dict__
+def test_bytes_after_a_last_request_are_an_error_once_it_is_complete() -> None:
+    r = Recorder()
+    with pytest.raises(httptools.HttpParserError):
+        r.parser.feed_data(b"GET /1 HTTP/1.1\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+    assert r.events[-1] == "end" and ("url", b"/2") not in r.events
 
 
-async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+def test_an_upgrade_stops_the_parser_after_the_request_with_the_offset_of_what_follows() -> None:
+    r = Recorder()
+    data = b"GET /frames HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: runmap-frames/1\r\nContent-Length: 0\r\n\r\nFRAMES"
+    with pytest.raises(httptools.HttpParserUpgrade) as info:
+        r.parser.feed_data(data)
+    assert data[info.value.args[0] :] == b"FRAMES"
+    assert r.events[-2][4] is True and r.events[-1] == "end"
+    # An Upgrade header without "Connection: upgrade" is no upgrade.
+    r = Recorder()
+    r.parser.feed_data(b"GET / HTTP/1.1\r\nUpgrade: runmap-frames/1\r\n\r\n")
+    assert r.events[-2][4] is False
 
 
-async def _recv_until_closed(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    got = b""
-    while True:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
-        if not chunk:
-            return got
-        got += chunk
+def test_an_exception_in_a_callback_stops_the_parser_as_a_parser_error() -> None:
+    class Refusing(Recorder):
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            raise KeyError("refused")
 
-
-async def _scenario() -> None:
-    loop = asyncio.get_running_loop()
-    cls = bounded_protocol("t0ken", head_timeout=30)
-    config = uvicorn.Config(_ok, http=cls, lifespan="off", ws="none", log_config=None, log_level="critical")
-    config.load()
-    state = ServerState()
-
-    async def connect() -> tuple[Any, socket.socket]:
-        server_side, client = socket.socketpair()
-        client.setblocking(False)
-        _, protocol = await loop.connect_accepted_socket(
-            lambda: cls(config=config, server_state=state, app_state={}, _loop=loop), server_side
-        )
-        return protocol, client
-
-    # The attributes uvicorn sets and the subclass reads.
-    protocol, client = await connect()
-    try:
-        for attribute in ("transport", "loop", "parser", "cycle", "headers", "logger", "connections"):
-            assert hasattr(protocol, attribute), attribute
-        assert protocol.loop is loop and protocol in state.connections
-        assert list(cls.unauthenticated) == [protocol] and protocol._head_timer is not None
-        # An authenticated request: answered, the connection leaves the unauthenticated ones, no head timer.
-        await loop.sock_sendall(client, b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n\r\n")
-        reply = await asyncio.wait_for(loop.sock_recv(client, 65536), 5)
-        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok"), reply
-        assert not cls.unauthenticated and protocol._head_timer is None
-        # Too many headers: 431, closed, and no 400 written after it.
-        await loop.sock_sendall(client, b"GET /x HTTP/1.1\r\n" + b"X: 1\r\n" * (cls.max_headers + 1) + b"\r\n")
-        reply = await _recv_until_closed(loop, client)
-        assert reply.startswith(b"HTTP/1.1 431 ") and b"HTTP/1.1 400" not in reply, reply
-    finally:
-        client.close()
-    # A wrong token leaves the connection unauthenticated; closing it forgets it.
-    protocol, client = await connect()
-    try:
-        await loop.sock_sendall(client, b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0kem\r\n\r\n")
-        assert (await asyncio.wait_for(loop.sock_recv(client, 65536), 5)).startswith(b"HTTP/1.1 200 ")
-        assert list(cls.unauthenticated) == [protocol]
-    finally:
-        client.close()
-    for _ in range(100):
-        if not state.connections:
-            break
-        await asyncio.sleep(0.01)
-    assert not state.connections and not cls.unauthenticated
-
-
-def test_the_subclass_works_against_the_installed_uvicorn() -> None:
-    asyncio.run(_scenario())
+    r = Refusing()
+    with pytest.raises(httptools.HttpParserError) as info:
+        r.parser.feed_data(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n")
+    assert isinstance(info.value.__context__, KeyError)
+    assert r.events == ["begin", ("url", b"/"), ("header", b"A", b"1")]
 
 
 def test_httptools_parses_memoryview_slices() -> None:
     """A read that crosses the head limit is fed in two slices of a memoryview."""
-    seen: list[tuple[bytes, bytes]] = []
-
-    class Callbacks:
-        def on_header(self, name: bytes, value: bytes) -> None:
-            seen.append((name, value))
-
-    parser = httptools.HttpRequestParser(Callbacks())
+    r = Recorder()
     view = memoryview(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
-    parser.feed_data(view[:20])
-    parser.feed_data(view[20:])
-    assert seen == [(b"Host", b"example")]
+    r.parser.feed_data(view[:20])
+    r.parser.feed_data(view[20:])
+    assert ("header", b"Host", b"example") in r.events and r.events[-1] == "end"
 
 
 def test_asyncio_still_has_the_running_loop_setters() -> None:

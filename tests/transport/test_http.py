@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import socket
-from typing import Any
 
 import pytest
 
@@ -118,40 +117,3 @@ def test_errors_come_back_as_runmap_errors(cluster: rm.LocalCluster) -> None:
         assert ser.load_outcome(channel.call(remote_echo.module_name, None, payload)).results == ["ok"]
     finally:
         channel.close()
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.sent: list[list[bytes]] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.sent.append([data])
-
-    def writelines(self, lines: Any) -> None:
-        self.sent.append(list(lines))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> str:
-        return name
-
-
-def test_the_servlet_writes_a_response_head_and_body_together() -> None:
-    from runmap.server.protocol import _CoalescingTransport
-
-    rec = _Recorder()
-    t = _CoalescingTransport(rec)  # type: ignore[arg-type]
-    t.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # interim: goes out at once
-    t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-    assert len(rec.sent) == 1
-    t.write(b"ok")
-    assert rec.sent[1] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"ok"]
-    t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n")  # a response to HEAD: no body follows
-    t.flush()  # at the end of every response
-    assert rec.sent[2] == [b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"]
-    t.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
-    t.close()  # a head left alone is flushed before the close
-    assert rec.sent[3] == [b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"] and rec.closed
-    assert t.get_extra_info("peername") == "peername"

@@ -9,7 +9,7 @@ virtual environment holding
   by a ``.pth`` file (a ``runmap-<version>.dist-info`` beside it lets
   ``importlib.metadata`` find its version);
 - the client's exact versions of runmap's runtime dependencies, all the way
-  down (``cloudpickle``, ``uvicorn``, ``httptools``, ``uvloop``, ``tqdm``...), read with :mod:`importlib.metadata`
+  down (``cloudpickle``, ``httptools``, ``uvloop``, ``tqdm``...), read with :mod:`importlib.metadata`
   and pinned ``name==version`` (markers are evaluated for the host's Python
   when ``packaging`` is importable on the client);
 - the env's own requirements (``reqs``).
@@ -37,7 +37,7 @@ or else ``python3 -m venv`` and ``pip``; an env with a conda file is created by 
 host's micromamba, mamba or conda instead, with the client's own :mod:`runmap.envs.conda`
 (loaded from the shipped source), its Python checked against the client's minor version, and
 the pins and ``reqs`` installed into it the same way. It checks that the env imports runmap,
-cloudpickle and uvicorn, and writes the done marker last. A build that fails
+cloudpickle and httptools, and writes the done marker last. A build that fails
 leaves no env behind and raises :class:`~runmap.exceptions.ClusterError`
 naming the host and quoting the tail of the tool's output.
 
@@ -73,8 +73,8 @@ RESULT_PREFIX = "runmap-json:"
 # Tools of the client, not of a servlet: never installed on a host.
 NOT_PINNED = frozenset({"runmap", "uv", "pip", "setuptools", "wheel"})
 # runmap's runtime requirements when it runs from a source tree with no installed metadata.
-FALLBACK_REQUIREMENTS = ("cloudpickle", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "tqdm")
-IMPORT_CHECK = "import runmap, cloudpickle, uvicorn"
+FALLBACK_REQUIREMENTS = ("cloudpickle", "httptools", "uvloop; sys_platform != 'win32'", "tqdm")
+IMPORT_CHECK = "import runmap, cloudpickle, httptools"
 MIN_PYTHON = (3, 10)
 
 

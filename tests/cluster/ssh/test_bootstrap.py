@@ -26,15 +26,13 @@ from runmap.exceptions import ClusterError
 from runmap.server.command import servlet_command
 
 Connect = Callable[[str], SSHConnection]
-CLIENT_VERSIONS = {
-    name: importlib.metadata.version(name) for name in ("cloudpickle", "uvicorn", "httptools", "uvloop", "tqdm")
-}
+CLIENT_VERSIONS = {name: importlib.metadata.version(name) for name in ("cloudpickle", "httptools", "uvloop", "tqdm")}
 VERSIONS_SCRIPT = """
 import importlib.metadata as m, json, sys
-import runmap, cloudpickle, uvicorn, httptools, uvloop, tqdm
+import runmap, cloudpickle, httptools, uvloop, tqdm
 print(json.dumps({
     "runmap": runmap.__version__, "runmap_metadata": m.version("runmap"), "runmap_file": runmap.__file__,
-    "cloudpickle": cloudpickle.__version__, "uvicorn": uvicorn.__version__, "httptools": m.version("httptools"),
+    "cloudpickle": cloudpickle.__version__, "httptools": m.version("httptools"),
     "uvloop": m.version("uvloop"), "tqdm": m.version("tqdm"), "executable": sys.executable,
     "prefix": sys.prefix, "base_prefix": sys.base_prefix,
 }))
@@ -222,9 +220,9 @@ def test_the_pins_are_the_clients_installed_versions_for_the_hosts_platform() ->
     names = {p.split("==")[0].lower(): p.split("==")[1] for p in pins}
     for name, version in CLIENT_VERSIONS.items():
         assert names[name] == version
-    assert names["h11"] == importlib.metadata.version("h11")  # uvicorn's own requirements, all the way down
     assert "uv" not in names and "runmap" not in names  # client tools
-    assert "colorama" not in names  # click and tqdm want it on Windows only
+    assert "uvicorn" not in names  # servlets serve HTTP on their own (runmap/server/http.py)
+    assert "colorama" not in names  # tqdm wants it on Windows only
     windows = pinned_requirements({**linux, "sys_platform": "win32", "platform_system": "Windows", "os_name": "nt"})
-    assert "colorama" in {p.split("==")[0].lower() for p in windows}
+    assert "colorama" in {p.split("==")[0].lower() for p in windows}  # a requirement's own, all the way down
     assert "uvloop" not in {p.split("==")[0].lower() for p in windows}
