@@ -15,6 +15,7 @@ ratios against the targets of issues 15 and 4, is written to
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import os
@@ -87,7 +88,8 @@ NOTES = {
     "a": "`Pool.map` and Ray's Pool with their default chunks; `ProcessPoolExecutor` with chunksize 256 "
     "(its default of 1 runs at ~9k/s); joblib with its automatic batching; Dask `client.map` + `client.gather`, "
     "one task per item (2k items: its rate does not depend on the count). Start-up excluded; every peer warmed "
-    "with one small map.",
+    "with one small map. At a tenth of the items (runmap and Pool), each round takes the median of 5 maps: one "
+    "map of a few ms is mostly the scheduler's noise.",
     "b": "Speedup = sequential seconds / parallel seconds, sequential measured in its own process, "
     "each round's parallel run paired with the same round's sequential one (median of the pairs shown).",
     "c": "runmap: a remote instance's method (`echo.echo(i)`); `Mapper.call` goes through the Mapper's "
@@ -109,7 +111,7 @@ NOTES = {
     "8 = 2×4, 64 = 8×8, 256 = 16×16, 1024 = 64×16 (64 servlet processes on 2 vCPUs). Pool: that many worker "
     "processes. Also shown: the client's threads during the map and its peak RSS.",
     "i": "RSS (resident set, shared libraries included) 0.5 s after a 100-input map. runmap: a servlet "
-    "(uvicorn, httptools, uvloop); Pool's workers are forks of the client and share its pages.",
+    "(asyncio, uvloop, httptools); Pool's workers are forks of the client and share its pages.",
     "j": "The same map at chunk sizes 1 to 4096 (runmap `chunksize=`, `Pool.map`/`ProcessPoolExecutor.map` "
     "`chunksize=`, joblib `batch_size=`); Dask has no chunk size (one task per item: see (a)).",
 }
@@ -369,7 +371,7 @@ def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     parts = [f"Python {platform.python_version()}"]
-    for pkg in ("runmap", "cloudpickle", "uvicorn", "uvloop", "httptools", "starlette", "ray", "dask", "distributed",
+    for pkg in ("runmap", "cloudpickle", "uvloop", "httptools", "ray", "dask", "distributed",
                 "joblib"):
         try:
             parts.append(f"{pkg} {version(pkg)}")
@@ -453,6 +455,9 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.cases = [c for c in args.cases if c in IMPLS]
 
+    # As an installed package is (pip compiles what it installs): an editable install has only
+    # sources, and where PYTHONDONTWRITEBYTECODE is set every replica would compile runmap afresh.
+    compileall.compile_dir(ROOT / "runmap", quiet=1)
     load0 = os.getloadavg()[0]
     started = time.monotonic()
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {c: {i: [] for i in impls_for(c)} for c in args.cases}

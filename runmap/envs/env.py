@@ -7,9 +7,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from runmap.envs.git import GitRepo
 from runmap.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from runmap.envs.git import GitRepo  # imported when an env has one (envs/__init__.py says why)
 
 DEFAULT_NAME = "default"
 
@@ -53,6 +56,8 @@ class Env:
                 raise ConfigError(f"env_vars must map str to str, not {key!r}: {value!r}")
         check_requirements(self.reqs, self.working_dir)
         if self.git is not None:
+            from runmap.envs.git import GitRepo
+
             if not isinstance(self.git, GitRepo):
                 raise ConfigError(f"git must be an rm.GitRepo, not {type(self.git).__name__}")
             object.__setattr__(self, "git", self.git.resolved())  # the commit, now: every replica runs it

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 from runmap import serialization as ser
 from runmap.exceptions import ConfigError, SerializationError
 from runmap.mapper.batching import chunker
-from runmap.mapper.checkpoint import MISSING, Checkpoint
 from runmap.mapper.progress import Progress
 from runmap.mapper.tasks import Requeued, Sink, Split, Task
 
 if TYPE_CHECKING:
+    from runmap.mapper.checkpoint import Checkpoint
     from runmap.mapper.mapper import Mapper
 
 POLL_SECONDS = 0.5
@@ -125,7 +125,11 @@ class MapRun:
         self.ready: dict[int, list[Any]] = {}  # chunk start -> its results (or _Failure)
         self.flawed: set[int] = set()  # starts of the ready chunks that hold a _Failure
         self.retried: dict[int, int] = {}  # input index -> re-runs after its user code raised
-        self.checkpoint = Checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
+        self.checkpoint: Checkpoint | None = None
+        if opts.checkpoint is not None:
+            from runmap.mapper.checkpoint import Checkpoint  # SQLite, imported by the maps that use it
+
+            self.checkpoint = Checkpoint(opts.checkpoint)
         self.hashes: dict[int, str] = {}  # input index -> input hash, while in flight
         self.cancelled = False
         self.rerun = 0  # inputs run again, for the progress bar
@@ -222,6 +226,8 @@ class MapRun:
     def _send_unsaved(self, batch: list[Any], start: int) -> None:
         """Takes saved results from the checkpoint and sends only the runs of inputs without one."""
         assert self.checkpoint is not None
+        from runmap.mapper.checkpoint import MISSING, Checkpoint
+
         run: list[Any] = []
         for i, item in enumerate(batch):
             index = start + i
