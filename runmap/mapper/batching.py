@@ -30,6 +30,11 @@ NOISE_SECONDS = TARGET_SECONDS / 10
 # reach thousands within a few round trips, but a map that stops early (an
 # ``imap`` over an endless generator, read five results deep) has read little.
 GROWTH = 8
+# The same bound when the number of inputs is known (they are all in hand): the
+# time target alone would allow more while chunks are round-trip sized, and each
+# step of eight costs a round trip (1, 64, 4096 instead of 1, 8, 64, 512, 4096
+# saves ~1 ms of a 20k-input map).
+KNOWN_GROWTH = 64
 
 
 class FixedChunks:
@@ -53,7 +58,8 @@ class AdaptiveChunks:
     The first chunks hold one input each: nothing is known yet, and one slow
     input must not take others hostage. Each finished chunk gives a time per
     input, and the next chunk is sized to take ``target`` seconds, growing at
-    most ``GROWTH`` times over the largest chunk finished so far. A faster
+    most ``GROWTH`` times over the largest chunk finished so far
+    (``KNOWN_GROWTH`` times when the number of inputs is known). A faster
     measurement is believed at once (from one input's round trip to thousands
     per chunk takes two steps); a slower one at once too when its chunk was long
     enough to mean it, so a map whose inputs turn slow stops sending big chunks.
@@ -70,7 +76,8 @@ class AdaptiveChunks:
         if self.per_input is None:
             return 1
         per = max(self.per_input, 1e-9)
-        size = min(int(self.target / per), GROWTH * self.largest_done)
+        growth = GROWTH if remaining is None else KNOWN_GROWTH
+        size = min(int(self.target / per), growth * self.largest_done)
         if self.bytes_per_input:
             size = min(size, int(MAX_PAYLOAD_BYTES / self.bytes_per_input))
         if remaining is not None:

@@ -100,7 +100,7 @@ class FrameProtocol(asyncio.Protocol):
 
     def _call(self, call_id: int, module: str, method: str, body: bytes, in_thread: bool) -> None:
         app = self.app
-        if not in_thread and app.placement.inline((module, method)):
+        if not in_thread and app.runs_inline(module, method, body):
             try:
                 result = app.call_inline(module, method, body)
             except Exception as exc:

@@ -9,6 +9,7 @@ import pytest
 from runmap.exceptions import ConfigError
 from runmap.mapper.batching import (
     GROWTH,
+    KNOWN_GROWTH,
     MAX_CHUNK,
     MAX_PAYLOAD_BYTES,
     TAIL_MIN_SECONDS,
@@ -79,6 +80,17 @@ def test_growth_is_bounded_by_the_largest_finished_chunk() -> None:
     assert chunks.next_size(None) == GROWTH
     chunks.record(GROWTH, ROUND_TRIP, 8 * GROWTH)
     assert chunks.next_size(None) == GROWTH * GROWTH
+
+
+def test_a_known_number_of_inputs_grows_faster_while_chunks_are_round_trip_sized() -> None:
+    chunks = AdaptiveChunks(slots=2)
+    chunks.record(1, 1e-4, 8)  # one trivial input, a fast round trip
+    assert chunks.next_size(1_000_000) == KNOWN_GROWTH
+    chunks.record(KNOWN_GROWTH, 1e-4, 8 * KNOWN_GROWTH)
+    assert chunks.next_size(1_000_000) == KNOWN_GROWTH**2
+    slow = AdaptiveChunks(slots=2)
+    slow.record(1, 0.01, 8)  # a 10 ms input: the time target, not the growth, bounds the next chunk
+    assert slow.next_size(1_000_000) == 5
 
 
 def test_one_slow_input_does_not_hold_others_hostage() -> None:

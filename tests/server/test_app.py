@@ -19,8 +19,18 @@ def test_a_call_that_sleeps_is_timed_by_its_wall_time() -> None:
     _, wall, cpu = app._timed(lambda: time.sleep(0.02) or b"")
     assert wall >= 0.02 and cpu < 0.01
     placement = app.CallPlacement()
-    placement.record(("m", "f"), wall, cpu)
-    assert not placement.inline(("m", "f"))
+    key = app.placement_key("m", "f", b"x" * 30)
+    placement.record(key, wall, cpu)
+    assert not placement.inline(key)
+
+
+def test_a_methods_long_chunks_do_not_send_its_short_ones_to_the_threads() -> None:
+    placement = app.CallPlacement()
+    one_input, thousands = app.placement_key("m", "f", b"x" * 30), app.placement_key("m", "f", b"x" * 100_000)
+    placement.record(one_input, 50e-6, 50e-6)
+    placement.record(thousands, 0.02, 0.02)  # a 20 ms chunk: the loop must not be held that long
+    assert placement.inline(one_input) and not placement.inline(thousands)
+    assert app.placement_key("m", "f", b"y" * 31) == one_input  # keyed by size, not content
 
 
 SPIN = """
