@@ -8,10 +8,12 @@ PY := $(VENV)/bin/python
 # One stamp per set of extras: `base` is runmap alone, `test` adds everything the suite uses.
 # The "compat" editable install is a path in a .pth file: the default one imports a finder
 # (pathlib, re, urllib...) at the start of every interpreter, ~25 ms of each replica's start.
+# setuptools warns that this mode is transitional; the warning is silenced, not the install.
 $(VENV)/.installed-%: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".$(if $(filter base,$*),,[$*])" --config-settings editable_mode=compat
+	PYTHONWARNINGS="ignore:Compat editable installs" \
+	  $(PY) -m pip install --quiet -e ".$(if $(filter base,$*),,[$*])" --config-settings editable_mode=compat
 	touch $@
 
 demo: $(VENV)/.installed-base
