@@ -12,7 +12,13 @@ import pytest
 from sshd_hosts import ssh_hosts  # noqa: F401  (session fixture: real sshd hosts on loopback)
 
 import runmap as rm
+from runmap.cluster import template
 from runmap.cluster.inprocess import InProcessCluster
+
+# Local replicas are forked from this process's template (runmap/cluster/template.py), which lives as
+# long as the interpreter. Started here, before any test, it is no test's leak; the replicas it forks
+# are still this process's descendants, so a replica a test leaves behind is still caught.
+template.warm()
 
 # Threads that third-party libraries start once per process and keep on purpose (tqdm's
 # monitor, AnyIO's worker threads). Every thread runmap starts is named "runmap-...", and checked.

@@ -70,10 +70,14 @@ def client(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
 
 
 def servlet_pids(client: subprocess.Popen[str]) -> list[int]:
+    """The client's servlets: its children that run one, and those its template forked."""
     pids = []
     for child in psutil.Process(client.pid).children():
         try:
-            if "runmap.server" in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())
+            if "runmap.server.template" in command:
+                pids.extend(forked.pid for forked in child.children())
+            elif "runmap.server" in command:
                 pids.append(child.pid)
         except psutil.Error:  # ended (a zombie until the client reaps it)
             pass

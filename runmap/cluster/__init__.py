@@ -1,13 +1,32 @@
-"""Clusters: where servlets are launched. ``rm.cluster()`` is the embedded local one."""
+"""Clusters: where servlets are launched. ``rm.cluster()`` is the embedded local one.
+
+``Cluster`` and ``LocalCluster`` are imported when first used, so that a
+submodule (:mod:`runmap.cluster.template`, warmed as ``runmap.mapper`` is
+imported) comes without the clusters' machinery.
+"""
 
 from __future__ import annotations
 
+import importlib
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runmap.cluster.base import Cluster
-from runmap.cluster.local import LocalCluster
 from runmap.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from runmap.cluster.base import Cluster
+    from runmap.cluster.local import LocalCluster
+
+_LAZY = {"Cluster": "runmap.cluster.base", "LocalCluster": "runmap.cluster.local"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 _default: LocalCluster | None = None
 _default_lock = threading.Lock()
@@ -16,6 +35,8 @@ _default_lock = threading.Lock()
 def default_cluster() -> LocalCluster:
     """The embedded local cluster of this process, started again if it was closed."""
     global _default
+    from runmap.cluster.local import LocalCluster
+
     with _default_lock:
         if _default is None or _default.closed:
             _default = LocalCluster("local")
@@ -41,6 +62,8 @@ def cluster(kind: str = "local", **options: Any) -> Cluster:
         'local'
     """
     if kind == "local":
+        from runmap.cluster.local import LocalCluster
+
         return LocalCluster(**options) if options else default_cluster()
     if kind == "ray":
         from runmap.cluster.ray import RayCluster

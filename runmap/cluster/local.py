@@ -3,7 +3,9 @@
 Each servlet is ``python -P -m runmap.server`` (:mod:`runmap.server.command`),
 started in its own session with its configuration and token on stdin
 (:func:`runmap.cluster.process.start_subprocess_servlet`), reached over TCP on
-``127.0.0.1`` and watched through its pidfd.
+``127.0.0.1`` and watched through its pidfd. Where it can, the servlet is forked
+from the client's warm template process instead of started afresh
+(:mod:`runmap.cluster.template`): the same servlet, a tenth of a second sooner.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 from runmap.cluster.base import Cluster
 from runmap.cluster.process import SubprocessServlet, start_subprocess_servlet
+from runmap.cluster.template import template_for
 from runmap.envs.env import Env
 from runmap.exceptions import ConfigError
 from runmap.paths import log_dir
@@ -86,6 +89,7 @@ class LocalCluster(Cluster):
 
             code = [str(code_dir(env.git))]  # fetched once per commit, in the client's cache
         python = self.python_for(env)
+        environ = {**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"}
         log = log_dir(self.name) / f"{env.name}.log"
         config = {
             "name": env.name,
@@ -103,8 +107,9 @@ class LocalCluster(Cluster):
             config,
             log,
             name=env.name,
-            env={**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"},
+            env=environ,
             cwd=working_dir or os.getcwd(),
+            template=template_for(python, environ),
         )
         endpoint = Endpoint(env.name, (self.host, int(ready["port"])), self.token)
         return Servlet(env, self, endpoint, SubprocessServlet(proc, log, log_start))

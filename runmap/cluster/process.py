@@ -36,8 +36,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
+from runmap.cluster.template import Template, TemplateError, describe_lost, failed
 from runmap.exceptions import ClusterError
 from runmap.paths import open_private
 from runmap.server.logfile import LogCopier, RotatingLog
@@ -102,6 +103,34 @@ class ExitStatus:
 STOPPED = ExitStatus(ExitKind.STOPPED)
 
 
+def describe_returncode(code: int) -> ExitStatus:
+    """A local child's return code as an :class:`ExitStatus` (a forked servlet's may be lost)."""
+    lost = describe_lost(code)
+    return ExitStatus(ExitKind.GONE, cause=lost) if lost else ExitStatus.from_returncode(code)
+
+
+class ChildProcess(Protocol):
+    """What runs a servlet here: a ``subprocess.Popen``, or a servlet forked by the template
+    (:class:`runmap.cluster.template.ForkedProcess`)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def args(self) -> Any: ...
+    @property
+    def stdin(self) -> IO[bytes] | None: ...
+    @property
+    def stdout(self) -> IO[bytes] | None: ...
+    @property
+    def stderr(self) -> IO[bytes] | None: ...
+    @property
+    def returncode(self) -> int | Any: ...
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def kill(self) -> None: ...
+
+
 class ServletProcess(ABC):
     """What runs one servlet, on any kind of cluster.
 
@@ -157,12 +186,12 @@ class SubprocessServlet(ServletProcess):
 
     def __init__(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: ChildProcess,
         log: Path | None,
         log_offset: int = 0,
         host: str = "localhost",
         pid: int | None = None,
-        describe_exit: Callable[[int], ExitStatus] = ExitStatus.from_returncode,
+        describe_exit: Callable[[int], ExitStatus] = describe_returncode,
         on_release: Callable[[], None] | None = None,
         log_copier: LogCopier | None = None,
     ) -> None:
@@ -243,7 +272,8 @@ def start_subprocess_servlet(
     cwd: str | None = None,
     timeout: float = START_TIMEOUT,
     log_max_bytes: int | None = None,
-) -> tuple[subprocess.Popen[bytes], dict[str, Any], int, LogCopier | None]:
+    template: Template | None = None,
+) -> tuple[ChildProcess, dict[str, Any], int, LogCopier | None]:
     """Starts ``argv`` as a servlet, hands it ``config`` on stdin and waits for its ready line.
 
     Its stderr goes to ``log`` (appended, never through a symlink): straight into the file,
@@ -251,6 +281,8 @@ def start_subprocess_servlet(
     with the servlet's own rotation (an SSH session, whose servlet writes to its stderr). It runs in
     a session and process group of its own, so a Ctrl-C in the terminal reaches
     the client (which then cleans up), not the replicas half-way through a call.
+    With a ``template`` (:mod:`runmap.cluster.template`), the servlet is forked
+    from it rather than started, unless the template fails.
 
     Returns:
         the process, its ready line (``{"port": ..., "pid": ...}``), the
@@ -265,18 +297,13 @@ def start_subprocess_servlet(
     copier = None
     try:
         log_start = os.fstat(log_fd).st_size
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log_fd if log_max_bytes is None else subprocess.PIPE,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        if log_max_bytes is None:
+            proc = _spawn(argv, log_fd, env, cwd, template)
+        else:  # its stderr is copied into the log by a thread here, through a pipe
+            proc = _spawn(argv, subprocess.PIPE, env, cwd, None)
     finally:
         os.close(log_fd)
-    if proc.stderr is not None and log_max_bytes is not None:
+    if proc.stderr is not None and log_max_bytes is not None:  # not forked: a forked one writes its log itself
         copier = LogCopier(os.dup(proc.stderr.fileno()), RotatingLog(log, log_max_bytes), f"runmap-log-{name}")
         proc.stderr.close()
     assert proc.stdin is not None and proc.stdout is not None
@@ -299,7 +326,28 @@ def start_subprocess_servlet(
     return proc, ready, log_start, copier
 
 
-def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
+def _spawn(
+    argv: Sequence[str], stderr: int, env: Mapping[str, str] | None, cwd: str | None, template: Template | None
+) -> ChildProcess:
+    """The servlet's process, its stderr on ``stderr`` (the log's descriptor, or ``subprocess.PIPE``):
+    forked from ``template`` if there is one and it can, else started."""
+    if template is not None:
+        try:
+            return template.start(argv, os.environ if env is None else env, cwd or os.getcwd(), stderr)
+        except TemplateError:
+            failed(template)  # and start it plainly
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def _read_ready_line(proc: ChildProcess, timeout: float) -> dict[str, Any] | None:
     """The servlet's ``{"port": ..}`` line, or None if it died or took too long."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -321,15 +369,18 @@ def _read_ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str,
     return ready if isinstance(ready, dict) and "port" in ready else None
 
 
-def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+def wait_exit(proc: ChildProcess, timeout: float) -> int:
     """``proc.wait(timeout)``, woken the moment the child exits.
 
     ``Popen.wait`` with a timeout polls, sleeping up to 50 ms between looks; a
     pidfd wakes ``poll`` as soon as the child ends (Linux 5.3+; elsewhere, the poll).
+    A servlet forked by the template waits on a pidfd of its own already.
 
     Raises:
         subprocess.TimeoutExpired: it still runs after ``timeout`` seconds.
     """
+    if not isinstance(proc, subprocess.Popen):
+        return proc.wait(timeout)
     try:
         fd = os.pidfd_open(proc.pid)  # type: ignore[attr-defined]
     except (AttributeError, OSError):
@@ -346,7 +397,7 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
     return proc.wait()
 
 
-def _abandon(proc: subprocess.Popen[bytes]) -> None:
+def _abandon(proc: ChildProcess) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from runmap.mapper.mapper import Mapper
-from runmap.mapper.run import MapOptions
+from runmap.cluster import template
+
+template.warm()  # the servlets' template boots while this client imports the Mapper's machinery
+
+from runmap.mapper.mapper import Mapper  # noqa: E402
+from runmap.mapper.run import MapOptions  # noqa: E402
 
 
 def mapper(target: Any, method: str | None = None, **kwargs: Any) -> Mapper:

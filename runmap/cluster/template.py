@@ -1,0 +1,343 @@
+"""Local servlets forked from a warm template process, as ``multiprocessing``'s forkserver does.
+
+Starting ``python -P -m runmap.server`` costs a replica about a tenth of a second
+of CPU, most of it importing the servlet's stack. A client therefore keeps one
+*template* (:mod:`runmap.server.template`), a process that has imported that
+stack once and forks a servlet per request. :func:`warm` starts it without
+waiting, as ``runmap.mapper`` is imported, so it boots while the client imports
+the rest; the local cluster then asks it for each servlet
+(:func:`template_for`) and gets a :class:`ForkedProcess`, which the code that
+runs servlets (:mod:`runmap.cluster.process`) uses as it uses a
+``subprocess.Popen``. The servlet itself is the same: its configuration and
+token come on its stdin, never through the template.
+
+A servlet is forked only where that gives what a fresh one would have: on Linux
+with pidfds (the client watches and signals a process that is not its child),
+from the client's own interpreter, in an environment whose start-up variables
+(``PYTHON*``, ``LD_*``, ``MALLOC_*``) are the template's. Otherwise, and inside a
+replica, or with ``RUNMAP_TEMPLATE=0``, or whenever the template fails, the
+servlet starts plainly.
+
+Lifetimes: the template leaves when its stdin closes (this interpreter exits,
+however) or when asked (:meth:`Template.close`); a servlet it forked leaves when
+its client closes the servlet's stdin, or when the template, its parent, is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from runmap.exceptions import ClusterError
+
+READY_TIMEOUT = 30.0  # for the template to import the servlet's stack, on a loaded machine
+REPLY_TIMEOUT = 10.0  # for it to fork one servlet
+STATUS_TIMEOUT = 5.0  # between a servlet's end and the template's word on how it ended
+CLOSE_WAIT = 1.0  # at exit, for the template to leave: it does on end-of-file, within a millisecond
+MAX_MESSAGE = 1 << 16
+LOST = -1000
+"""A forked servlet's return code when its exit status was lost with its template."""
+STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_")
+"""Environment variables an interpreter reads as it starts: a fork has the template's."""
+READ_LATER = frozenset({"PYTHONBREAKPOINT"})  # read at each breakpoint() (Ray's driver sets it)
+
+
+class TemplateError(ClusterError):
+    """The template process failed or is gone; the servlet starts plainly instead."""
+
+
+class Template:
+    """A running template process, and this client's end of its control socket.
+
+    Args:
+        env: the template's environment; the servlets it forks get their own.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self._lock = threading.Lock()
+        self._exits: dict[int, int] = {}  # pid -> return code, as the template reported
+        self._ready = False
+        self._lost = False
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "runmap.server.template", str(theirs.fileno())],
+                stdin=subprocess.PIPE,  # its end-of-file is the template's signal to leave
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # failures come back on the control socket
+                pass_fds=[theirs.fileno()],
+                env=self.env,
+                start_new_session=True,  # a Ctrl-C in the terminal is the client's to handle
+            )
+        except BaseException:
+            self._sock.close()
+            raise
+        finally:
+            theirs.close()
+        # Its end is read from a pidfd, not from waitpid: a library in this client (Ray's driver)
+        # may reap children that are not its own, and Popen.poll would then call it ended at once.
+        self._pidfd = os.pidfd_open(self.proc.pid)  # type: ignore[attr-defined]
+        weakref.finalize(self, os.close, self._pidfd)
+
+    @property
+    def came_up(self) -> bool:
+        """Whether it said it was ready, once."""
+        return self._ready
+
+    @property
+    def usable(self) -> bool:
+        return not self._lost and not _ended(self._pidfd, 0)
+
+    def fits(self, python: str, env: Mapping[str, str]) -> bool:
+        """Whether a servlet on ``python`` with ``env`` can be forked from this template."""
+        return python == sys.executable and _startup_vars(env) == _startup_vars(self.env)
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str, log_fd: int) -> ForkedProcess:
+        """Forks a servlet with ``env`` in ``cwd``, its stderr on ``log_fd``; its stdin and stdout are pipes.
+
+        Raises:
+            TemplateError: the template is gone, failed to fork, or did not answer.
+        """
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        try:
+            with self._lock:
+                deadline = time.monotonic() + READY_TIMEOUT
+                while not self._ready:
+                    self._receive(deadline)
+                request = json.dumps({"env": dict(env), "cwd": cwd}).encode()
+                try:
+                    socket.send_fds(self._sock, [request], [stdin_r, stdout_w, log_fd])
+                except OSError as e:
+                    raise self._gone(f"it took no request ({e})") from None
+                deadline = time.monotonic() + REPLY_TIMEOUT
+                while True:
+                    reply, fds = self._receive(deadline)
+                    if "error" in reply:
+                        raise TemplateError(f"the template failed to fork a servlet:\n{reply['error']}")
+                    if "pid" in reply:
+                        break
+        except BaseException:
+            os.close(stdin_w)
+            os.close(stdout_r)
+            raise
+        finally:
+            os.close(stdin_r)
+            os.close(stdout_w)
+        return ForkedProcess(self, int(reply["pid"]), fds[0], os.fdopen(stdin_w, "wb"), os.fdopen(stdout_r, "rb"), argv)
+
+    def exit_code(self, pid: int) -> int:
+        """How forked servlet ``pid``, which has ended, ended: its return code, or :data:`LOST`."""
+        with self._lock:
+            deadline = time.monotonic() + STATUS_TIMEOUT
+            while pid not in self._exits:
+                try:
+                    self._receive(deadline)
+                except TemplateError:
+                    return LOST
+            return self._exits.pop(pid)
+
+    def close(self, wait: float = 0.0) -> None:
+        """Asks the template to leave, waiting up to ``wait`` seconds for it to (the servlets it
+        forked leave once their clients let them go)."""
+        self._lost = True
+        self._sock.close()
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        if wait > 0 and _ended(self._pidfd, wait):
+            self.proc.wait()  # reaped, now that it has ended
+
+    def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
+        """The next message from the template (holding the lock); an exit is recorded as it passes."""
+        if self._lost:
+            raise TemplateError("the template process is gone")
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            raise self._gone("it did not answer in time")
+        try:
+            data, fds, _, _ = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
+        except OSError as e:
+            raise self._gone(str(e)) from None
+        if not data:
+            raise self._gone("it ended")
+        message = json.loads(data)
+        if "ready" in message:
+            self._ready = True
+        if "exit" in message:
+            self._exits[int(message["exit"])] = int(message["code"])
+        return message, fds
+
+    def _gone(self, why: str) -> TemplateError:
+        self._lost = True
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+        except ProcessLookupError:
+            pass  # it has ended
+        self.proc.wait()
+        self._sock.close()
+        return TemplateError(f"the template process failed: {why}")
+
+
+class ForkedProcess:
+    """A servlet the template forked, with the part of ``subprocess.Popen`` that runs a servlet.
+
+    It is not this client's child: it is watched and signalled through a pidfd,
+    and its exit status comes from the template that reaps it.
+    """
+
+    stderr: IO[bytes] | None = None  # its stderr is its log file
+
+    def __init__(
+        self, template: Template, pid: int, pidfd: int, stdin: IO[bytes], stdout: IO[bytes], argv: Sequence[str]
+    ) -> None:
+        self.pid = pid
+        self.args = list(argv)
+        self.stdin: IO[bytes] | None = stdin
+        self.stdout: IO[bytes] | None = stdout
+        self.returncode: int | None = None
+        self._template = template
+        self._pidfd = pidfd
+        self._lock = threading.Lock()
+        weakref.finalize(self, os.close, pidfd)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and _ended(self._pidfd, 0):
+            self._settle()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not _ended(self._pidfd, timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            self._settle()
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)  # type: ignore[attr-defined]
+            except ProcessLookupError:
+                pass  # it has ended
+
+    def _settle(self) -> None:
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = self._template.exit_code(self.pid)
+
+
+def describe_lost(code: int) -> str | None:
+    """Why a forked servlet's exit status is unknown, if ``code`` says it is."""
+    return "its exit status was lost with the template process that forked it" if code == LOST else None
+
+
+def _ended(pidfd: int, timeout: float | None) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _startup_vars(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) and k not in READ_LATER}
+
+
+_shared: Template | None = None
+_shared_lock = threading.Lock()
+_broken = False  # a template failed to start in this process: start servlets plainly from now on
+
+
+def enabled() -> bool:
+    """Whether servlets may be forked from a template in this process."""
+    return (
+        not _broken
+        and sys.version_info >= (3, 11)  # -P
+        and _pidfds_work()
+        and os.environ.get("RUNMAP_TEMPLATE", "1") != "0"
+        and "RUNMAP_REPLICA" not in os.environ  # a replica's own clusters start theirs plainly
+    )
+
+
+def warm() -> None:
+    """Starts this client's template now, without waiting for it, so it boots while the client imports."""
+    if enabled():
+        shared()
+
+
+def shared() -> Template | None:
+    """This client's template, started if none runs; None where servlets start plainly."""
+    global _shared, _broken
+    if not enabled():
+        return None
+    with _shared_lock:
+        if _shared is not None and _shared.usable:
+            return _shared
+        try:
+            _shared = Template({**os.environ, "PYTHONUNBUFFERED": "1"})
+        except OSError:
+            _broken = True
+            return None
+        return _shared
+
+
+def template_for(python: str, env: Mapping[str, str]) -> Template | None:
+    """The template to fork a servlet on ``python`` with ``env`` from, if one fits."""
+    template = shared()
+    return template if template is not None and template.fits(python, env) else None
+
+
+def failed(template: Template) -> None:
+    """Records that ``template`` could not start a servlet: one that never came up is not tried again."""
+    global _broken
+    if not template.came_up:
+        _broken = True
+
+
+def _pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return False
+    return hasattr(signal, "pidfd_send_signal") and hasattr(socket, "send_fds")
+
+
+def current() -> Template | None:
+    """This client's template, if one has been started (none is started here)."""
+    return _shared
+
+
+def _close_shared() -> None:
+    if _shared is not None:
+        _shared.close(wait=CLOSE_WAIT)
+
+
+def _forget_in_child() -> None:
+    """A fork of this client must not share its template: it starts its own if it needs one."""
+    global _shared
+    if _shared is not None:
+        _shared._sock.close()  # this copy's ends only: the template still ends with the parent
+        if _shared.proc.stdin is not None:
+            _shared.proc.stdin.close()
+    _shared = None
+
+
+atexit.register(_close_shared)
+os.register_at_fork(after_in_child=_forget_in_child)
