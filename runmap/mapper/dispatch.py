@@ -1,11 +1,29 @@
 """The dispatch thread: every replica's calls, on one connection per replica, from one thread.
 
     TaskQueue ──► dispatch thread ──► lane: one framed connection per replica,
-    (shared)      (a selector)        up to ``concurrency`` calls in flight on it,
-        ▲              │              told apart by call id (transport/framing.py)
+    (shared)      (a selector)        ``concurrency`` calls running on it (more
+        ▲              │              queued), told apart by call id (transport/framing.py)
         │              ├──► the task's Sink, with its outcome
         └──────────────┴──► the pool's failover (another thread), when a replica
                             died or a call outlived its timeout
+
+A map of short calls keeps more than ``concurrency`` calls sent to a lane: the
+servlet runs ``concurrency`` of them and queues the rest in order
+(server/frames.py), so that it never waits a round trip for its next call, as a
+``Pool``'s workers never wait for theirs. How many more depends on how long
+that map's calls have taken so far (:func:`queue_depth`): a map starts with
+``concurrency`` a lane, and long calls are never queued at one replica while
+another could run them. Every lane gets its running calls before any queues
+more. A queued call's timeout starts when it becomes one of the lane's
+running calls, and a queued call lost with its replica never ran: it runs
+again without being charged with the death.
+
+Calls queued at one replica can turn out long (a map whose first inputs were
+quick): when a lane runs dry with no task left to send while another still has
+calls queued, it takes half the difference back from the fullest one (a
+withdrawal frame; the servlet hands back those it had not started) and runs
+them itself, as a work-stealing pool would. One such rebalance is under way
+at a time.
 
 One thread serves every replica, however many slots (replicas × concurrency)
 there are: a Mapper of 64 replicas × 16 calls has one dispatch thread, not
@@ -38,7 +56,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError
-from runmap.transport.framing import IN_THREAD, MAX_CALL_ID, CallHead, ResponseReader
+from runmap.transport.framing import (
+    IN_THREAD,
+    KEPT,
+    MAX_CALL_ID,
+    WITHDRAWN,
+    CallHead,
+    ResponseReader,
+    withdraw_frame,
+)
 
 if TYPE_CHECKING:
     from runmap.mapper.pool import Replica, ReplicaPool
@@ -48,13 +74,26 @@ log = logging.getLogger(__name__)
 
 SMALL_BODY = 64 << 10  # up to this, a frame's head and body are joined into one buffer
 MAX_IOV = 64  # buffers per sendmsg
+PIPELINE_DEPTH = 32  # calls a lane keeps sent, running and queued, for a map of short calls (measured:
+# 2 replicas of trivial calls level off at ~32 a lane; at 4, none queued, they ran at half the rate)
+PIPELINE_SECONDS = 0.01  # ... so long as the queued ones take about this long in all, by the map's average
+LEARN = 0.2  # weight of the latest call in that average
+
+
+def queue_depth(seconds: float | None, concurrency: int) -> int:
+    """Calls a lane may queue beyond ``concurrency`` for a map whose calls take ``seconds`` (None: not known yet)."""
+    if seconds is None:
+        return 0
+    return max(0, min(PIPELINE_DEPTH - concurrency, int(PIPELINE_SECONDS / max(seconds, 1e-6))))
 
 
 @dataclass(eq=False, slots=True)
 class _Call:
     task: Task
-    started: float
-    deadline: float | None
+    started: float  # when it became one of the lane's running calls (queued ones: when sent)
+    deadline: float | None  # armed when it starts running
+    running: bool = False
+    withdrawing: bool = False  # asked back from the servlet, which has not said yet whether it had started
 
 
 class Lane:
@@ -69,14 +108,18 @@ class Lane:
         self.replica = replica
         self.sock = sock
         self.reader = ResponseReader()
-        self.inflight: dict[int, _Call] = {}
+        self.inflight: dict[int, _Call] = {}  # in the order sent
+        self.waiting: deque[int] = deque()  # ids of the calls queued at the servlet, oldest first
+        self.running = 0  # the oldest calls in flight, at most ``concurrency``: those the servlet may be running
+        self.withdrawing = 0  # queued calls asked back, not yet heard of
         self.out: deque[memoryview] = deque()
         self.writing = False  # registered for EVENT_WRITE: the socket's buffer was full
         self.closed = False
         self.draining = False  # a call timed out: the replica is on its way out, so it takes no more
         self._ids = itertools.count(1)
+        self._token = replica.remote.servlet.endpoint.token.encode()
         self._head = CallHead(
-            replica.remote.servlet.endpoint.token.encode(),
+            self._token,
             replica.remote.module_name.encode(),
             (method or "__call__").encode(),
         )
@@ -89,15 +132,87 @@ class Lane:
         payload = task.payload
         head = self._head(len(payload), IN_THREAD if task.in_thread else 0, call_id)
         now = time.perf_counter()
-        deadline = None if task.timeout is None else now + task.timeout
-        self.inflight[call_id] = _Call(task, now, deadline)
-        if deadline is not None:
-            self.dispatcher.watch_deadline(deadline, self, call_id)
+        call = self.inflight[call_id] = _Call(task, now, None)
+        if self.running < self.dispatcher.concurrency:
+            self._start(call_id, call, now)
+        else:
+            self.waiting.append(call_id)
         if len(payload) <= SMALL_BODY:
             self.out.append(memoryview(head + payload))
         else:
             self.out.append(memoryview(head))
             self.out.append(memoryview(payload))
+
+    def answered(self, call_id: int) -> _Call | None:
+        """The call ``call_id`` answered (None: one that timed out already); the oldest queued one starts."""
+        call = self.inflight.pop(call_id, None)
+        if call is None:
+            return None
+        if call.withdrawing:  # it had started: the servlet's "kept" comes, or came, for nothing
+            call.withdrawing = False
+            self.withdrawing -= 1
+        now = time.perf_counter()
+        if call.running:
+            self.running -= 1
+            sink = call.task.sink  # the map learns how long its calls take
+            seconds = now - call.started
+            sink.seconds = seconds if sink.seconds is None else sink.seconds + LEARN * (seconds - sink.seconds)
+        else:
+            self.waiting.remove(call_id)  # refused before it started (a malformed frame)
+        concurrency = self.dispatcher.concurrency
+        while self.waiting and self.running < concurrency:
+            queued = self.waiting.popleft()
+            self._start(queued, self.inflight[queued], now)
+        return call
+
+    def withdraw(self, count: int) -> None:
+        """Asks the servlet for the newest ``count`` queued calls back (each is answered WITHDRAWN or KEPT)."""
+        for call_id in reversed(self.waiting):
+            if count <= 0:
+                return
+            call = self.inflight[call_id]
+            if not call.withdrawing:
+                call.withdrawing = True
+                self.withdrawing += 1
+                self.out.append(memoryview(withdraw_frame(self._token, call_id)))
+                count -= 1
+
+    def taken_back(self, call_id: int, status: int) -> Task | None:
+        """The servlet's word on a withdrawal: the task it handed back (None: it kept the call, or it ended)."""
+        call = self.inflight.get(call_id)
+        if call is None or not call.withdrawing:
+            return None
+        call.withdrawing = False
+        self.withdrawing -= 1
+        if status != WITHDRAWN:
+            return None
+        del self.inflight[call_id]
+        self.waiting.remove(call_id)
+        return call.task
+
+    def expired(self, call_id: int) -> _Call:
+        """A running call past its deadline: the replica goes, so the queued calls stay queued."""
+        call = self.inflight.pop(call_id)
+        self.running -= 1
+        self.draining = True
+        return call
+
+    def lost(self) -> tuple[list[Task], list[Task]]:
+        """Forgets every call in flight: those that may have run, and those that never started."""
+        calls, self.inflight = list(self.inflight.values()), {}
+        self.waiting.clear()
+        self.running = 0
+        self.withdrawing = 0
+        return [c.task for c in calls if c.running], [c.task for c in calls if not c.running]
+
+    def _start(self, call_id: int, call: _Call, now: float) -> None:
+        call.running = True
+        call.started = now
+        self.running += 1
+        timeout = call.task.timeout
+        if timeout is not None:
+            call.deadline = now + timeout
+            self.dispatcher.watch_deadline(call.deadline, self, call_id)
 
 
 class Dispatcher:
@@ -213,11 +328,11 @@ class Dispatcher:
             "the Mapper was closed while this input ran" if self._stopping else "runmap's dispatch thread failed"
         )
         for lane in lanes:
-            calls, lane.inflight = list(lane.inflight.values()), {}
+            ran, queued = lane.lost()
             lane.closed = True
             lane.sock.close()
-            for call in calls:
-                call.task.sink.failed(call.task, closed)
+            for task in ran + queued:
+                task.sink.failed(task, closed)
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -234,13 +349,16 @@ class Dispatcher:
             self._fail(lane, ConnectionAbortedError("the replica was retired"))
 
     def _feed(self) -> bool:
-        """Sends queued tasks to the lanes with room; returns whether any lane has room left."""
+        """Sends queued tasks to the lanes with room; returns whether any lane has room left.
+
+        First every lane's running calls, then the short calls of a map queued
+        behind them (:func:`queue_depth`), one a lane in turn.
+        """
         tasks = self.pool.tasks
         concurrency = self.concurrency
+        lanes = [lane for lane in self._lanes if not (lane.closed or lane.draining or lane.replica.retired)]
         room = False
-        for lane in self._lanes:
-            if lane.closed or lane.draining or lane.replica.retired:
-                continue
+        for lane in lanes:
             inflight = lane.inflight
             while len(inflight) < concurrency:
                 task = tasks.get_nowait()
@@ -249,9 +367,49 @@ class Dispatcher:
                     break
                 if not task.sink.cancelled:
                     lane.send(task)
+        while not room and lanes:  # a call a lane in turn: a map whose calls turn long finds them spread
+            for lane in list(lanes):
+                queued = len(lane.inflight) - concurrency
+                task = None
+                if queued < PIPELINE_DEPTH - concurrency:
+                    task = tasks.get_nowait(lambda t: queue_depth(t.sink.seconds, concurrency) > queued)  # noqa: B023
+                if task is None:
+                    lanes.remove(lane)
+                elif not task.sink.cancelled:
+                    lane.send(task)
+        if room:
+            self._rebalance(lanes)
+        for lane in self._lanes:
             if lane.out and not lane.writing:
                 self._flush(lane)
         return room
+
+    def _rebalance(self, lanes: list[Lane]) -> None:
+        """With no task left to send, lanes that ran dry take queued calls back from the fullest ones."""
+        concurrency = self.concurrency
+        if len(lanes) < 2 or any(lane.withdrawing for lane in lanes):
+            return  # one rebalance at a time: the servlets answer withdrawals at once
+        for dry in lanes:
+            if len(dry.inflight) >= concurrency:
+                continue
+            donor = max(lanes, key=lambda lane: len(lane.waiting) - lane.withdrawing)
+            spare = len(donor.waiting) - donor.withdrawing
+            count = min(spare, (len(donor.inflight) - donor.withdrawing - len(dry.inflight)) // 2)
+            if count > 0:
+                donor.withdraw(count)
+
+    def _taken_back(self, lane: Lane, call_id: int, status: int) -> None:
+        """A withdrawal answered: a call handed back goes to the lane with the fewest calls in flight."""
+        task = lane.taken_back(call_id, status)
+        if task is None:
+            return
+        lanes = [other for other in self._lanes if not (other.closed or other.draining or other.replica.retired)]
+        if task.sink.cancelled:
+            return
+        if lanes:
+            min(lanes, key=lambda other: len(other.inflight)).send(task)
+        else:
+            self.pool.tasks.put(task, front=True)
 
     def _flush(self, lane: Lane) -> None:
         out = lane.out
@@ -293,7 +451,10 @@ class Dispatcher:
                 self._fail(lane, ConnectionResetError("the servlet closed the connection"))
                 return
             for call_id, status, body in reader.received(n):
-                call = lane.inflight.pop(call_id, None)
+                if status <= KEPT:
+                    self._taken_back(lane, call_id, status)
+                    continue
+                call = lane.answered(call_id)
                 if call is None:
                     continue  # the answer to a call that already timed out
                 self._deliver(lane, call, status, body)
@@ -322,8 +483,7 @@ class Dispatcher:
             if deadline > now:
                 return deadline - now
             heapq.heappop(heap)
-            del lane.inflight[call_id]
-            lane.draining = True
+            lane.expired(call_id)
             replica, task = lane.replica, call.task
             exc = ReplicaTimeoutError(
                 f"a call on {replica.name} did not finish within its timeout of {task.timeout:g} s", replica.name
@@ -343,12 +503,13 @@ class Dispatcher:
         lane.sock.close()
         if lane in self._lanes:
             self._lanes.remove(lane)
-        calls, lane.inflight = [c.task for c in lane.inflight.values()], {}
+        ran, queued = lane.lost()
         lane.out.clear()
         replica = lane.replica
         where = replica.remote.servlet.endpoint
         died = ReplicaDiedError(f"{replica.name} at {where} is unreachable: {exc!r}", replica.name)
-        self._aside(f"runmap-failover-{replica.name}", functools.partial(self.pool.lost_calls, replica, calls, died))
+        lost = functools.partial(self.pool.lost_calls, replica, ran, died, queued)
+        self._aside(f"runmap-failover-{replica.name}", lost)
 
     def _aside(self, name: str, work: Callable[[], None]) -> None:
         """Runs ``work``, which may block (killing a replica, starting another), off this thread."""

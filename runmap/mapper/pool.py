@@ -104,7 +104,7 @@ class ReplicaPool:
 
     def add(self, remote: Remote, owned: bool) -> Replica:
         replica = Replica(remote, owned, ReplicaProvider(remote.servlet.cluster))
-        sock = _framed_connection(remote)
+        sock = _framed_connection(remote, self.concurrency)
         with self._lock:
             if self._closing:
                 if sock is not None:
@@ -234,10 +234,22 @@ class ReplicaPool:
 
     # ---------------------------------------------------------------- deaths
 
-    def lost_calls(self, replica: Replica, tasks: list[Task], exc: ReplicaDiedError) -> None:
-        """The connection to ``replica`` broke with ``tasks`` in flight on it (maybe none)."""
-        if not tasks:
+    def lost_calls(
+        self, replica: Replica, tasks: list[Task], exc: ReplicaDiedError, unstarted: list[Task] | None = None
+    ) -> None:
+        """The connection to ``replica`` broke with ``tasks`` in flight on it (maybe none).
+
+        ``unstarted``: calls that were queued at the servlet, behind ``tasks``: they
+        never ran, so they run again at once, without using up a retry.
+        """
+        unstarted = unstarted or []
+        if not tasks and not unstarted:
             self._lost_idle_connection(replica)
+        for task in reversed(unstarted):
+            if self._closing:
+                task.sink.failed(task, exc)
+            else:
+                self.submit(task, front=True)
         for task in tasks:
             self._lost(replica, task, exc)
 
@@ -254,7 +266,7 @@ class ReplicaPool:
         if status is not None:
             self.retire_dead(replica)
             return
-        sock = _framed_connection(replica.remote)
+        sock = _framed_connection(replica.remote, self.concurrency)
         if sock is None:
             return
         with self._lock:
@@ -445,7 +457,7 @@ def _fate(status: ExitStatus) -> str:
     return f"died: {status}" if status.crashed else str(status)
 
 
-def _framed_connection(remote: Remote) -> socket.socket | None:
+def _framed_connection(remote: Remote, concurrency: int) -> socket.socket | None:
     """A connection to ``remote``'s servlet switched to call frames, for a lane; None if it can't have one.
 
     None for a channel that is not a socket (in-process test servlets), a servlet
@@ -455,7 +467,7 @@ def _framed_connection(remote: Remote) -> socket.socket | None:
     channel = remote.servlet.open_channel()
     open_framed = getattr(channel, "open_framed", None)  # only a socket channel has one
     try:
-        return open_framed() if open_framed is not None else None
+        return open_framed(concurrency) if open_framed is not None else None
     except (FramesRefused, ReplicaError):
         return None
     finally:

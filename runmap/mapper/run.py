@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from runmap import serialization as ser
 from runmap.exceptions import ConfigError, SerializationError
 from runmap.mapper.batching import chunker
+from runmap.mapper.dispatch import queue_depth
 from runmap.mapper.progress import Progress
 from runmap.mapper.tasks import Requeued, Sink, Split, Task
 
@@ -113,7 +114,8 @@ class MapRun:
         self.opts = opts
         self.ordered = ordered
         self.timeout = opts.timeout if opts.timeout is not None else mapper.timeout
-        slots = max(1, len(self.pool.alive) * mapper.concurrency)
+        self.replicas = max(1, len(self.pool.alive))
+        slots = self.replicas * mapper.concurrency
         self.chunks = chunker(opts.chunksize, slots)
         self.window = 2 * slots
         self.read_ahead = READ_AHEAD * slots
@@ -195,7 +197,10 @@ class MapRun:
         # and waiting behind a slow input): at most READ_AHEAD chunks a slot, so that
         # other replicas keep busy behind a slow input, but memory stays bounded
         # however long it takes.
-        while not self.exhausted and self.inflight < self.window and self.inflight + len(self.ready) < self.read_ahead:
+        # Short calls queued at the servlets (dispatch.py): as many more in flight.
+        queued = queue_depth(self.sink.seconds, self.mapper.concurrency) * self.replicas
+        window, read_ahead = self.window + queued, self.read_ahead + queued
+        while not self.exhausted and self.inflight < window and self.inflight + len(self.ready) < read_ahead:
             remaining = None if self.total is None else self.total - self.read
             batch = self._read(self.chunks.next_size(remaining))
             if not batch:

@@ -33,6 +33,7 @@ class Sink:
     def __init__(self) -> None:
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.cancelled = False
+        self.seconds: float | None = None  # how long its calls take, on average (set by dispatch.py)
 
     def done(self, task: Task, outcome: ser.Outcome, replica: str, seconds: float) -> None:
         self.events.put((task, outcome, replica, seconds))
@@ -167,10 +168,10 @@ class TaskQueue:
                 finally:
                     self._waiting -= 1
 
-    def get_nowait(self) -> Task | None:
-        """The next task, or None if there is none now (or the queue is closed)."""
+    def get_nowait(self, accept: Callable[[Task], bool] | None = None) -> Task | None:
+        """The next task, or None if there is none now (or the queue is closed, or ``accept`` refuses it)."""
         with self._lock:
-            if self._closed or not self._tasks:
+            if self._closed or not self._tasks or (accept is not None and not accept(self._tasks[0])):
                 return None
             return self._tasks.popleft()
 

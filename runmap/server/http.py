@@ -458,12 +458,19 @@ class HttpConnection(asyncio.Protocol):
             return False
         return any(name == b"upgrade" and value.lower() == UPGRADE for name, value in self._headers)
 
+    def _concurrency(self) -> int | None:
+        """The calls a framed connection may run at once, as its upgrade request named them (None: no cap)."""
+        for name, value in self._headers:
+            if name == b"runmap-concurrency" and value.isdigit():
+                return max(1, int(value))
+        return None
+
     def _switch_to_frames(self, rest: bytes | memoryview) -> None:
         assert self.server.frames is not None
         app, max_body = self.server.frames
         self._stopped = True
         self._forget()
-        protocol = FrameProtocol(app, self.server.token, max_body)
+        protocol = FrameProtocol(app, self.server.token, max_body, self._concurrency())
         self.server.upgraded.add(protocol)
         transport = self.transport
         transport.write(upgrade_response())

@@ -1,7 +1,7 @@
 """The wire format of call frames, shared by the client and the servlet (server/frames.py).
 
 A connection that presented the token may switch from HTTP to frames with an
-HTTP/1.1 upgrade (``Connection: Upgrade``, ``Upgrade: runmap-frames/2``,
+HTTP/1.1 upgrade (``Connection: Upgrade``, ``Upgrade: runmap-frames/4``,
 answered ``101``). It then carries calls only, several at once: each request
 carries a call id, which its response repeats, and the servlet answers each
 call when it ends, in any order.
@@ -12,7 +12,17 @@ call when it ends, in any order.
     response  !IHQ header: call id, status, body length; then the body: the
               pickled outcome with 200, else JSON ``{"detail": ...}`` as over HTTP
 
-Version 1 (one call at a time, no ids) is gone: a client asks for version 2 by
+The upgrade request may carry ``Runmap-Concurrency: N``: the servlet then runs
+at most N of the connection's calls at once and queues the others in order,
+so the client may send more than N (server/frames.py says what that promises).
+
+A request with the ``WITHDRAW`` flag, no names and no body takes back the
+queued call whose id it carries: the servlet answers that call with status
+``WITHDRAWN`` (it never started, and never will) if it was still queued, and
+with ``KEPT`` otherwise (it started, or ended: its own answer comes or came).
+
+Version 3 added the cap and version 4 the withdrawal; versions 1 (one call at
+a time, no ids), 2 (no cap) and 3 are gone: a client asks for version 4 by
 name, and a servlet that does not know it refuses the upgrade, so the two fall
 back to HTTP rather than misread each other.
 """
@@ -21,9 +31,12 @@ from __future__ import annotations
 
 import struct
 
-UPGRADE = b"runmap-frames/2"
-VERSION = 2
+UPGRADE = b"runmap-frames/4"
+VERSION = 4
 IN_THREAD = 1  # flag: run in a thread, never on the loop (the ``?thread`` of HTTP)
+WITHDRAW = 2  # flag: take back the queued call of this id (no names, no body)
+WITHDRAWN = 0  # status: the call was taken back before it started
+KEPT = 1  # status: the call was not taken back (it started, or ended); its answer is its own
 REQUEST = struct.Struct("!BBHHHIQ")
 RESPONSE = struct.Struct("!IHQ")
 MAX_TOKEN = 1024
@@ -49,6 +62,11 @@ def request_head(
 ) -> bytes:
     """A call frame's header, token and names: the body follows them."""
     return CallHead(token, module, method)(body_length, flags, call_id)
+
+
+def withdraw_frame(token: bytes, call_id: int) -> bytes:
+    """The frame that takes back the queued call ``call_id``."""
+    return REQUEST.pack(VERSION, WITHDRAW, len(token), 0, 0, call_id, 0) + token
 
 
 class ResponseReader:

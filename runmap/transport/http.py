@@ -106,17 +106,19 @@ class HTTPChannel:
             path += "?thread"
         return self._request(b"POST", path, payload, timeout)
 
-    def open_framed(self) -> socket.socket:
+    def open_framed(self, concurrency: int | None = None) -> socket.socket:
         """A new connection, switched to frames, handed over: the caller writes and reads frames on it.
 
         This channel keeps nothing of it. The dispatcher of a Mapper's calls
-        (runmap/mapper/dispatch.py) keeps several calls in flight on it.
+        (runmap/mapper/dispatch.py) keeps several calls in flight on it; the
+        servlet runs at most ``concurrency`` of them at once, and queues the
+        rest in the order they came (runmap/server/frames.py).
 
         Raises:
             FramesRefused: the servlet does not serve frames of this version.
             ReplicaDiedError, AuthError: as :meth:`call` does.
         """
-        return self._connect_framed()
+        return self._connect_framed(concurrency)
 
     def info(self) -> dict[str, Any]:
         return json.loads(self._request(b"GET", "/info", b"", None))  # type: ignore[no-any-return]
@@ -206,11 +208,11 @@ class HTTPChannel:
             self._framed = framed
         return self._sock
 
-    def _connect_framed(self) -> socket.socket:
+    def _connect_framed(self, concurrency: int | None = None) -> socket.socket:
         """A new connection, switched to call frames."""
         sock = self._connect()
         try:
-            self._upgrade(sock)
+            self._upgrade(sock, concurrency)
             if self._buf:  # the servlet spoke before it was asked: not a servlet this client knows
                 raise ProtocolError(f"{self.replica} sent bytes after switching to frames, unasked", 502)
         except BaseException:
@@ -218,10 +220,12 @@ class HTTPChannel:
             raise
         return sock
 
-    def _upgrade(self, sock: socket.socket) -> None:
+    def _upgrade(self, sock: socket.socket, concurrency: int | None = None) -> None:
         """Switches a fresh connection to call frames (runmap/server/frames.py), presenting the token."""
-        head = b"GET /frames HTTP/1.1\r\n%sConnection: Upgrade\r\nUpgrade: %s\r\nContent-Length: 0\r\n\r\n" % (
+        cap = b"" if concurrency is None else b"Runmap-Concurrency: %d\r\n" % concurrency
+        head = b"GET /frames HTTP/1.1\r\n%s%sConnection: Upgrade\r\nUpgrade: %s\r\nContent-Length: 0\r\n\r\n" % (
             self._fixed_headers,
+            cap,
             frames.UPGRADE,
         )
         with self._translate(None):

@@ -52,7 +52,9 @@ def test_an_idle_replica_killed_is_noticed_within_half_a_second(cluster: rm.Loca
         assert victim not in m.replicas
         assert noticed < 0.5, noticed
         assert victim.servlet.exit_status() == ExitStatus(ExitKind.SIGNALED, signal=9)
-        # The cluster forgot it, and so did the registry that `runmap status` reads.
+        # The cluster forgot it (just after the Mapper retired it), and so did the registry `runmap status` reads.
+        while victim.servlet in cluster.servlets and time.monotonic() - killed < 2:
+            time.sleep(0.005)
         assert victim.servlet not in cluster.servlets
         [entry] = [e for e in registry.load() if e.name == cluster.name and e.pid == os.getpid()]
         assert victim.name not in {s.name for s in entry.servlets}

@@ -7,6 +7,7 @@ connection each (runmap/mapper/dispatch.py).
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -141,3 +142,61 @@ def test_a_dispatch_thread_that_fails_fails_the_map_instead_of_hanging(
         monkeypatch.setattr(Dispatcher, "_feed", broken)
         with pytest.raises(rm.ReplicaDiedError, match="dispatch thread failed"):
             mapper.map(range(10), progress=False)
+
+
+# ------------------------------------------------ short calls queued at the servlet
+
+
+def exit_at(x: int, poison: int) -> int:
+    if x == poison:
+        os._exit(3)
+    return x
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_map_of_short_calls_queues_calls_at_the_servlet_and_one_of_long_calls_does_not(
+    cluster: rm.LocalCluster,
+) -> None:
+    with rm.mapper(rm.function(napper).to(cluster), num_replicas=2) as mapper:
+        (lane, *_) = mapper._pool._dispatcher._lanes  # type: ignore[union-attr]
+        most = 0
+        for _ in mapper.imap([0.0] * 2000, chunksize=1, progress=False):
+            most = max(most, len(lane.inflight))
+        assert most > 1  # concurrency 1, and more sent
+        most = 0
+        for _ in mapper.imap([0.2] * 6, chunksize=1, progress=False):  # a new map: it learns anew
+            most = max(most, len(lane.inflight))
+        assert most == 1
+
+
+def test_calls_queued_behind_an_input_that_kills_its_replica_run_again_uncharged(cluster: rm.LocalCluster) -> None:
+    # With no retries, an input lost with its replica fails: only the one that killed it may.
+    with rm.mapper(rm.function(exit_at).to(cluster), num_replicas=2, retries=0) as mapper:
+        results = mapper.map(
+            range(600), kwargs={"poison": 400}, chunksize=1, return_exceptions=True, progress=False
+        )
+    assert isinstance(results[400], rm.ReplicaDiedError), results[400]
+    assert results[:400] + results[401:] == [x for x in range(600) if x != 400]
+
+
+def test_a_queued_calls_timeout_counts_from_its_start(cluster: rm.LocalCluster) -> None:
+    # Four 0.4 s calls queued behind short ones on one replica: the last ends 1.6 s after it was sent.
+    with rm.mapper(rm.function(napper).to(cluster), num_replicas=1, retries=0) as mapper:
+        (replica,) = mapper.replicas
+        out = mapper.map([0.0] * 300 + [0.4] * 4, chunksize=1, timeout=1.0, progress=False)
+        assert out == [0.0] * 300 + [0.4] * 4
+        assert [r.name for r in mapper.replicas] == [replica.name]  # none was killed for a timeout
+
+
+def test_long_calls_after_short_ones_are_spread_over_the_replicas(cluster: rm.LocalCluster) -> None:
+    # The short calls let each lane queue calls, so the long ones that follow may pile up on one replica:
+    # the other takes them back when it runs dry (a withdrawal, dispatch.py).
+    with rm.mapper(rm.function(pid_after).to(cluster), num_replicas=2) as mapper:
+        pids = mapper.map([0.0] * 500 + [0.3] * 8, chunksize=1, progress=False)
+    long = pids[500:]
+    assert len(set(pids)) == 2
+    assert all(long.count(pid) >= 3 for pid in set(pids)), long  # 4 each, give or take one

@@ -15,6 +15,7 @@ from pathlib import Path
 from processes import assert_all_end
 
 import runmap as rm
+from runmap.mapper.dispatch import PIPELINE_DEPTH
 from runmap.mapper.run import READ_AHEAD
 
 
@@ -130,4 +131,5 @@ def test_a_slow_first_input_does_not_make_the_client_read_ahead_without_bound() 
         stream = mapper.imap(naturals(), chunksize=1, progress=False)
         assert next(stream) == 0  # 1.5 s, while the other replica could have raced ahead
         stream.close()  # type: ignore[attr-defined]
-    assert consumed <= 1 + READ_AHEAD * 2, consumed
+    # Read ahead: READ_AHEAD chunks a slot, and the short calls each replica may queue (dispatch.py).
+    assert consumed <= 1 + READ_AHEAD * 2 + (PIPELINE_DEPTH - 1) * 2, consumed

@@ -33,11 +33,13 @@ def cluster() -> Iterator[rm.LocalCluster]:
         yield c
 
 
-def _upgraded(servlet: rm.servlet.Servlet, token: str | None = None) -> socket.socket:  # type: ignore[name-defined]
+def _upgraded(
+    servlet: rm.servlet.Servlet, token: str | None = None, extra: str = ""  # type: ignore[name-defined]
+) -> socket.socket:
     sock = socket.create_connection(servlet.endpoint.address, timeout=10)  # type: ignore[arg-type]
     auth = f"Authorization: Bearer {token or servlet.endpoint.token}\r\n"
     sock.sendall(
-        f"GET /frames HTTP/1.1\r\nHost: x\r\n{auth}Connection: Upgrade\r\n"
+        f"GET /frames HTTP/1.1\r\nHost: x\r\n{auth}{extra}Connection: Upgrade\r\n"
         f"Upgrade: {framing.UPGRADE.decode()}\r\nContent-Length: 0\r\n\r\n".encode()
     )
     return sock
@@ -162,3 +164,103 @@ def test_calls_on_one_connection_run_at_once_and_are_answered_as_they_end(cluste
         assert [ser.load_outcome(body).results[0] for _, _, body in answered] == [0.0, 0.5, 1.0]
     finally:
         sock.close()
+
+
+class Clock:
+    def span(self, seconds: float) -> tuple[float, float]:
+        import time
+
+        start = time.monotonic()  # one clock for every process of this machine
+        time.sleep(seconds)
+        return start, time.monotonic()
+
+
+def test_a_connection_runs_at_most_its_concurrency_and_queues_the_rest_in_order(cluster: rm.LocalCluster) -> None:
+    """The Mapper sends short calls beyond its concurrency (mapper/dispatch.py): the servlet holds them back."""
+    from runmap import serialization as ser
+
+    clock = rm.module(Clock).to(cluster)()
+    sock = _upgraded(clock.servlet, extra="Runmap-Concurrency: 2\r\n")
+    token = clock.servlet.endpoint.token.encode()
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        frames = b""
+        for call_id in range(1, 6):  # five calls in one write: the servlet reads them at once
+            body = ser.dump_call(ser.SINGLE, [0.3], None)
+            head = framing.request_head(token, clock.module_name.encode(), b"span", len(body), 0, call_id)
+            frames += head + body
+        sock.sendall(frames)
+        reader, answered = framing.ResponseReader(), []
+        while len(answered) < 5:
+            n = sock.recv_into(reader.buffer())
+            assert n, "the servlet closed the connection"
+            answered += reader.received(n)
+    finally:
+        sock.close()
+    assert all(status == 200 for _, status, _ in answered)
+    spans = {call_id: ser.load_outcome(body).results[0] for call_id, _, body in answered}
+    starts = [spans[call_id][0] for call_id in range(1, 6)]
+    assert starts == sorted(starts), "the queued calls start in the order they came"
+    most = max(sum(1 for s, e in spans.values() if s <= start < e) for start in starts)
+    assert most == 2, spans
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def run(self, tag: int, seconds: float) -> int:
+        import time
+
+        self.ran.append(tag)
+        time.sleep(seconds)
+        return tag
+
+    def seen(self) -> list[int]:
+        return self.ran
+
+
+def test_a_queued_call_taken_back_never_runs_and_a_started_one_is_kept(cluster: rm.LocalCluster) -> None:
+    """The Mapper takes queued calls back from a replica when another runs dry (mapper/dispatch.py)."""
+    from runmap import serialization as ser
+
+    recorder = rm.module(Recorder).to(cluster)()
+    sock = _upgraded(recorder.servlet, extra="Runmap-Concurrency: 1\r\n")
+    token = recorder.servlet.endpoint.token.encode()
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        frames = b""
+        for call_id, seconds in ((1, 0.3), (2, 0.0), (3, 0.0)):  # 1 runs in a thread, 2 and 3 queue behind it
+            body = ser.dump_call(ser.STAR, [(call_id, seconds)], None)
+            head = framing.request_head(
+                token, recorder.module_name.encode(), b"run", len(body), framing.IN_THREAD, call_id
+            )
+            frames += head + body
+        frames += framing.withdraw_frame(token, 3) + framing.withdraw_frame(token, 1) + framing.withdraw_frame(token, 9)
+        sock.sendall(frames)
+        reader, answered = framing.ResponseReader(), []
+        while len(answered) < 5:
+            n = sock.recv_into(reader.buffer())
+            assert n, "the servlet closed the connection"
+            answered += reader.received(n)
+    finally:
+        sock.close()
+    statuses = [(call_id, status) for call_id, status, _ in answered]
+    assert [ser.load_outcome(body).results for _, status, body in answered if status == 200] == [[1], [2]]
+    assert statuses == [(3, framing.WITHDRAWN), (1, framing.KEPT), (9, framing.KEPT), (1, 200), (2, 200)]
+    assert recorder.seen() == [1, 2]  # 3 never ran
+
+
+@pytest.mark.parametrize("names, body", [(b"m", 0), (b"", 5)])
+def test_a_withdrawal_with_names_or_a_body_is_refused(cluster: rm.LocalCluster, names: bytes, body: int) -> None:
+    echo = rm.module(Echo).to(cluster)()
+    token = echo.servlet.endpoint.token.encode()
+    sock = _upgraded(echo.servlet)
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        head = framing.REQUEST.pack(framing.VERSION, framing.WITHDRAW, len(token), len(names), 0, 4, body)
+        sock.sendall(head + token + names + b"x" * body)
+        assert _frame_response(_read_until_closed(sock), call_id=4)[0] == 400
+    finally:
+        sock.close()
+    assert echo.echo(1) == 1  # the servlet goes on
