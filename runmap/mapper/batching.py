@@ -13,6 +13,7 @@ share of the end of the map.
 from __future__ import annotations
 
 import math
+from typing import TypeAlias
 
 from runmap.exceptions import ConfigError
 
@@ -35,6 +36,15 @@ GROWTH = 8
 # step of eight costs a round trip (1, 64, 4096 instead of 1, 8, 64, 512, 4096
 # saves ~1 ms of a 20k-input map).
 KNOWN_GROWTH = 64
+# A Mapper's next map starts at the pace its last one ended with, in chunks that
+# would take at most this long at that pace (not one input each), and at least
+# two chunks a slot: maps of trivial inputs skip the ramp, and a map whose inputs
+# are far slower than the last map's holds inputs hostage in its first chunks
+# only, as a ``Pool.map`` of them would (its chunks are a fourth of a worker's share).
+REMEMBERED_SECONDS = 0.0005
+
+
+Pace: TypeAlias = "tuple[float, float | None]"  # seconds and bytes (None: not known) per input
 
 
 class FixedChunks:
@@ -65,26 +75,35 @@ class AdaptiveChunks:
     enough to mean it, so a map whose inputs turn slow stops sending big chunks.
     """
 
-    def __init__(self, slots: int, target: float = TARGET_SECONDS) -> None:
+    def __init__(self, slots: int, target: float = TARGET_SECONDS, pace: Pace | None = None) -> None:
         self.slots = max(1, slots)
         self.target = target
         self.per_input: float | None = None  # seconds per input
         self.bytes_per_input: float | None = None
+        if pace is not None:  # the last map's: believed for the first chunks (REMEMBERED_SECONDS)
+            self.per_input, self.bytes_per_input = pace
         self.largest_done = 0  # the most inputs a finished chunk held
+
+    @property
+    def pace(self) -> Pace | None:
+        """Seconds and bytes per input, as measured so far (None: nothing finished yet)."""
+        return None if self.per_input is None else (self.per_input, self.bytes_per_input)
 
     def next_size(self, remaining: int | None) -> int:
         if self.per_input is None:
             return 1
         per = max(self.per_input, 1e-9)
         growth = GROWTH if remaining is None else KNOWN_GROWTH
-        size = min(int(self.target / per), growth * self.largest_done)
+        bound = growth * self.largest_done if self.largest_done else int(REMEMBERED_SECONDS / per)
+        size = min(int(self.target / per), bound)
         if self.bytes_per_input:
             size = min(size, int(MAX_PAYLOAD_BYTES / self.bytes_per_input))
         if remaining is not None:
             # Leave at least two chunks per slot for the end of the map, unless
-            # they would be too short to be worth a request each.
-            tail = max(math.ceil(remaining / (2 * self.slots)), int(TAIL_MIN_SECONDS / per))
-            size = min(size, tail)
+            # they would be too short to be worth a request each (going by this
+            # map's own chunks: at a remembered pace, two a slot at least).
+            share = math.ceil(remaining / (2 * self.slots))
+            size = min(size, max(share, int(TAIL_MIN_SECONDS / per)) if self.largest_done else share)
         return max(1, min(size, MAX_CHUNK))
 
     def record(self, count: int, seconds: float, payload_bytes: int) -> None:
@@ -99,9 +118,10 @@ class AdaptiveChunks:
         self.bytes_per_input = bpi if self.bytes_per_input is None else 0.5 * (self.bytes_per_input + bpi)
 
 
-def chunker(chunksize: int | str | None, slots: int) -> FixedChunks | AdaptiveChunks:
+def chunker(chunksize: int | str | None, slots: int, pace: Pace | None = None) -> FixedChunks | AdaptiveChunks:
+    """Chunk sizes for a map; ``pace``: the Mapper's last map's, which adaptive chunks start from."""
     if chunksize is None or chunksize == "auto":
-        return AdaptiveChunks(slots)
+        return AdaptiveChunks(slots, pace=pace)
     if isinstance(chunksize, str):
         raise ConfigError(f"chunksize must be a positive int or 'auto', not {chunksize!r}")
     return FixedChunks(chunksize)

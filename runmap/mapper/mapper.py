@@ -36,6 +36,7 @@ from runmap.module import Function, Module, Remote, RemoteClass, RemoteInstance,
 from runmap.server.state import FUNCTION
 
 if TYPE_CHECKING:
+    from runmap.mapper.batching import Pace
     from runmap.mapper.remote import RemoteMapper
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
@@ -107,6 +108,7 @@ class Mapper:
         self._helpers: list[threading.Thread] = []
         self._early: list[Future[Any]] = []  # replicas' servlets started alongside the target's own
         self.replaced = 0  # dead replicas a replacement was started for, for the progress bar
+        self.pace: Pace | None = None  # seconds and bytes per input of the last map with adaptive chunks
         # What to start, kept until first use: a Mapper placed elsewhere (:meth:`to`) starts nothing here.
         self._target, self._method_arg, self._cluster, self._env = target, method, cluster, env
         self._supplied, self._num_replicas, self._stream_logs = supplied, num_replicas, stream_logs

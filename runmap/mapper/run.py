@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from runmap import serialization as ser
 from runmap.exceptions import ConfigError, SerializationError
-from runmap.mapper.batching import chunker
+from runmap.mapper.batching import AdaptiveChunks, FixedChunks, chunker
 from runmap.mapper.dispatch import queue_depth
 from runmap.mapper.progress import Progress
 from runmap.mapper.tasks import Requeued, Sink, Split, Task
@@ -116,7 +116,7 @@ class MapRun:
         self.timeout = opts.timeout if opts.timeout is not None else mapper.timeout
         self.replicas = max(1, len(self.pool.alive))
         slots = self.replicas * mapper.concurrency
-        self.chunks = chunker(opts.chunksize, slots)
+        self.chunks = chunker(opts.chunksize, slots, mapper.pace)
         self.window = 2 * slots
         self.read_ahead = READ_AHEAD * slots
         self.sink = Sink()
@@ -197,8 +197,12 @@ class MapRun:
         # and waiting behind a slow input): at most READ_AHEAD chunks a slot, so that
         # other replicas keep busy behind a slow input, but memory stays bounded
         # however long it takes.
-        # Short calls queued at the servlets (dispatch.py): as many more in flight.
-        queued = queue_depth(self.sink.seconds, self.mapper.concurrency) * self.replicas
+        # Short calls queued at the servlets (dispatch.py): as many more in flight. Not with
+        # adaptive chunks, which grow to take far longer than a queue's worth: while they
+        # are still small, reading ahead more of them would only send more small ones.
+        queued = 0
+        if isinstance(self.chunks, FixedChunks):
+            queued = queue_depth(self.sink.seconds, self.mapper.concurrency) * self.replicas
         window, read_ahead = self.window + queued, self.read_ahead + queued
         while not self.exhausted and self.inflight < window and self.inflight + len(self.ready) < read_ahead:
             remaining = None if self.total is None else self.total - self.read
@@ -284,6 +288,8 @@ class MapRun:
             self.errors += task.count
             return task.count
         self.chunks.record(task.count, seconds, len(task.payload))
+        if isinstance(self.chunks, AdaptiveChunks):
+            self.mapper.pace = self.chunks.pace  # where the Mapper's next map starts
         results: list[Any] = outcome.results
         retry = []
         for i, err in outcome.errors.items():

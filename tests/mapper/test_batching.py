@@ -12,6 +12,7 @@ from runmap.mapper.batching import (
     KNOWN_GROWTH,
     MAX_CHUNK,
     MAX_PAYLOAD_BYTES,
+    REMEMBERED_SECONDS,
     TAIL_MIN_SECONDS,
     AdaptiveChunks,
     FixedChunks,
@@ -21,14 +22,16 @@ from runmap.mapper.batching import (
 ROUND_TRIP = 250e-6  # what one request costs on top of its inputs
 
 
-def simulate(durations: list[float], slots: int, overhead: float = ROUND_TRIP) -> tuple[float, list[int]]:
+def simulate(
+    durations: list[float], slots: int, overhead: float = ROUND_TRIP, pace: tuple[float, float] | None = None
+) -> tuple[float, list[int]]:
     """Runs a map through ``AdaptiveChunks`` on ``slots`` simulated replica slots.
 
     Like the Mapper: a window of ``2 × slots`` chunks in flight, each free slot
     takes the next queued chunk, and a chunk's time is the round trip plus its
     inputs. Returns the makespan and the chunk sizes in the order sent.
     """
-    chunks = AdaptiveChunks(slots)
+    chunks = AdaptiveChunks(slots, pace=pace)
     sizes: list[int] = []
     queue: list[tuple[int, int]] = []  # (start, count) waiting for a slot
     running: list[tuple[float, int, int, float]] = []  # (end, start, count, began)
@@ -128,6 +131,24 @@ def test_the_tail_is_cut_finer_but_not_into_pieces_shorter_than_a_few_ms() -> No
     assert chunks.next_size(40) == 10  # two chunks per slot for the end
     chunks.per_input = 1e-6  # trivial inputs: a request costs more than splitting gains
     assert chunks.next_size(8_000) == int(TAIL_MIN_SECONDS / 1e-6)
+
+
+def test_a_map_starts_at_the_pace_of_the_last_one_in_short_chunks() -> None:
+    # The Mapper's last map ran 1 µs inputs: the next one skips the ramp from one input a chunk.
+    chunks = AdaptiveChunks(slots=2, pace=(1e-6, 8.0))
+    assert chunks.next_size(None) == int(REMEMBERED_SECONDS / 1e-6)
+    assert chunks.next_size(20_000) == int(REMEMBERED_SECONDS / 1e-6)
+    assert chunks.next_size(400) == 100  # at least two chunks a slot
+    makespan, sizes = simulate([1e-6] * 20_000, slots=2, pace=(1e-6, 8.0))
+    fresh, ramp = simulate([1e-6] * 20_000, slots=2)
+    assert sizes[0] > 1 and len(sizes) < len(ramp) and makespan < fresh
+
+
+def test_a_map_far_slower_than_the_last_one_is_still_spread_over_the_slots() -> None:
+    # 1 µs inputs last time, 0.1 s ones now: no chunk holds more than a fourth of them.
+    makespan, sizes = simulate([0.1] * 40, slots=2, pace=(1e-6, 8.0))
+    assert max(sizes) == 10  # two chunks a slot
+    assert makespan < 0.1 * 40 / 2 * 1.05
 
 
 def test_large_inputs_are_capped_by_payload_size() -> None:

@@ -305,3 +305,22 @@ def test_remote_methods_are_accepted_as_replicas(cluster: rm.LocalCluster) -> No
         rm.mapper(a, method="predict", replicas=[b.busy])
     with rm.mapper(a, method="predict", replicas=[b.predict]) as mapper:
         assert mapper.num_replicas == 2
+
+
+def pid_after(seconds: float) -> int:
+    if seconds:
+        time.sleep(seconds)
+    return os.getpid()
+
+
+def test_slow_inputs_after_a_map_of_quick_ones_still_spread_over_the_replicas() -> None:
+    # The second map starts at the first one's pace (chunks of hundreds), yet 8 slow inputs
+    # travel in chunks of a fourth of them at most, so both replicas run them.
+    with rm.mapper(pid_after, num_replicas=2) as mapper:
+        assert len(mapper.map([0.0] * 20_000, progress=False)) == 20_000
+        assert mapper.pace is not None and mapper.pace[0] < 1e-4  # trivial inputs
+        start = time.monotonic()
+        pids = mapper.map([0.2] * 8, progress=False)
+        took = time.monotonic() - start
+    assert sorted(pids.count(pid) for pid in set(pids)) == [4, 4], pids
+    assert took < 8 * 0.2 * 0.75, took  # in parallel
