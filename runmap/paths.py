@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from runmap.exceptions import ConfigError
@@ -79,6 +78,8 @@ def runtime_dir() -> Path:
     elif os.environ.get("XDG_RUNTIME_DIR"):
         base = Path(os.environ["XDG_RUNTIME_DIR"]) / "runmap"
     else:
+        import tempfile  # only here: with shutil, it is a tenth of the Mapper's import
+
         base = Path(tempfile.gettempdir()) / f"runmap-{os.getuid()}"
     return private_dir(base, what="runmap's runtime directory")
 
