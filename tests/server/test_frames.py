@@ -16,6 +16,7 @@ import pytest
 
 import runmap as rm
 from runmap.exceptions import ProtocolError
+from runmap.servlet import Servlet
 from runmap.transport import framing
 from runmap.transport.http import HTTPChannel
 
@@ -33,9 +34,7 @@ def cluster() -> Iterator[rm.LocalCluster]:
         yield c
 
 
-def _upgraded(
-    servlet: rm.servlet.Servlet, token: str | None = None, extra: str = ""  # type: ignore[name-defined]
-) -> socket.socket:
+def _upgraded(servlet: Servlet, token: str | None = None, extra: str = "") -> socket.socket:
     sock = socket.create_connection(servlet.endpoint.address, timeout=10)  # type: ignore[arg-type]
     auth = f"Authorization: Bearer {token or servlet.endpoint.token}\r\n"
     sock.sendall(
@@ -43,6 +42,22 @@ def _upgraded(
         f"Upgrade: {framing.UPGRADE.decode()}\r\nContent-Length: 0\r\n\r\n".encode()
     )
     return sock
+
+
+def _exchange(servlet: Servlet, frames: bytes, answers: int, concurrency: int) -> list[tuple[int, int, bytes]]:
+    """Sends ``frames`` in one write on a connection of that concurrency; the first ``answers`` answers."""
+    sock = _upgraded(servlet, extra=f"Runmap-Concurrency: {concurrency}\r\n")
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(frames)
+        reader, answered = framing.ResponseReader(), []
+        while len(answered) < answers:
+            n = sock.recv_into(reader.buffer())
+            assert n, "the servlet closed the connection"
+            answered += reader.received(n)
+        return answered
+    finally:
+        sock.close()
 
 
 def _read_until_closed(sock: socket.socket) -> bytes:
@@ -180,23 +195,13 @@ def test_a_connection_runs_at_most_its_concurrency_and_queues_the_rest_in_order(
     from runmap import serialization as ser
 
     clock = rm.module(Clock).to(cluster)()
-    sock = _upgraded(clock.servlet, extra="Runmap-Concurrency: 2\r\n")
     token = clock.servlet.endpoint.token.encode()
-    try:
-        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
-        frames = b""
-        for call_id in range(1, 6):  # five calls in one write: the servlet reads them at once
-            body = ser.dump_call(ser.SINGLE, [0.3], None)
-            head = framing.request_head(token, clock.module_name.encode(), b"span", len(body), 0, call_id)
-            frames += head + body
-        sock.sendall(frames)
-        reader, answered = framing.ResponseReader(), []
-        while len(answered) < 5:
-            n = sock.recv_into(reader.buffer())
-            assert n, "the servlet closed the connection"
-            answered += reader.received(n)
-    finally:
-        sock.close()
+    frames = b""
+    for call_id in range(1, 6):  # five calls in one write: the servlet reads them at once
+        body = ser.dump_call(ser.SINGLE, [0.3], None)
+        head = framing.request_head(token, clock.module_name.encode(), b"span", len(body), 0, call_id)
+        frames += head + body
+    answered = _exchange(clock.servlet, frames, answers=5, concurrency=2)
     assert all(status == 200 for _, status, _ in answered)
     spans = {call_id: ser.load_outcome(body).results[0] for call_id, _, body in answered}
     starts = [spans[call_id][0] for call_id in range(1, 6)]
@@ -225,26 +230,14 @@ def test_a_queued_call_taken_back_never_runs_and_a_started_one_is_kept(cluster: 
     from runmap import serialization as ser
 
     recorder = rm.module(Recorder).to(cluster)()
-    sock = _upgraded(recorder.servlet, extra="Runmap-Concurrency: 1\r\n")
     token = recorder.servlet.endpoint.token.encode()
-    try:
-        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
-        frames = b""
-        for call_id, seconds in ((1, 0.3), (2, 0.0), (3, 0.0)):  # 1 runs in a thread, 2 and 3 queue behind it
-            body = ser.dump_call(ser.STAR, [(call_id, seconds)], None)
-            head = framing.request_head(
-                token, recorder.module_name.encode(), b"run", len(body), framing.IN_THREAD, call_id
-            )
-            frames += head + body
-        frames += framing.withdraw_frame(token, 3) + framing.withdraw_frame(token, 1) + framing.withdraw_frame(token, 9)
-        sock.sendall(frames)
-        reader, answered = framing.ResponseReader(), []
-        while len(answered) < 5:
-            n = sock.recv_into(reader.buffer())
-            assert n, "the servlet closed the connection"
-            answered += reader.received(n)
-    finally:
-        sock.close()
+    frames = b""
+    for call_id, seconds in ((1, 0.3), (2, 0.0), (3, 0.0)):  # 1 runs in a thread, 2 and 3 queue behind it
+        body = ser.dump_call(ser.STAR, [(call_id, seconds)], None)
+        head = framing.request_head(token, recorder.module_name.encode(), b"run", len(body), framing.IN_THREAD, call_id)
+        frames += head + body
+    frames += framing.withdraw_frame(token, 3) + framing.withdraw_frame(token, 1) + framing.withdraw_frame(token, 9)
+    answered = _exchange(recorder.servlet, frames, answers=5, concurrency=1)
     statuses = [(call_id, status) for call_id, status, _ in answered]
     assert [ser.load_outcome(body).results for _, status, body in answered if status == 200] == [[1], [2]]
     assert statuses == [(3, framing.WITHDRAWN), (1, framing.KEPT), (9, framing.KEPT), (1, 200), (2, 200)]
