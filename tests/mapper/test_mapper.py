@@ -323,4 +323,4 @@ def test_slow_inputs_after_a_map_of_quick_ones_still_spread_over_the_replicas() 
         pids = mapper.map([0.2] * 8, progress=False)
         took = time.monotonic() - start
     assert sorted(pids.count(pid) for pid in set(pids)) == [4, 4], pids
-    assert took < 8 * 0.2 * 0.75, took  # in parallel
+    assert took < 8 * 0.2 * 0.9, took  # in parallel (one after another: 1.6 s)
