@@ -401,11 +401,9 @@ class Dispatcher:
     def _taken_back(self, lane: Lane, call_id: int, status: int) -> None:
         """A withdrawal answered: a call handed back goes to the lane with the fewest calls in flight."""
         task = lane.taken_back(call_id, status)
-        if task is None:
+        if task is None or task.sink.cancelled:
             return
         lanes = [other for other in self._lanes if not (other.closed or other.draining or other.replica.retired)]
-        if task.sink.cancelled:
-            return
         if lanes:
             min(lanes, key=lambda other: len(other.inflight)).send(task)
         else:
