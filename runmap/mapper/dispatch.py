@@ -68,7 +68,7 @@ from runmap.transport.framing import (
 
 if TYPE_CHECKING:
     from runmap.mapper.pool import Replica, ReplicaPool
-    from runmap.mapper.tasks import Task
+    from runmap.mapper.tasks import Outcomed, Sink, Task
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,18 @@ class Dispatcher:
             self._selector.modify(sock, events, lane)
 
     def _read(self, lane: Lane) -> None:
+        """Takes the lane's answers; each map hears of those of one read at once (one wake-up, not one each)."""
+        done: dict[Sink, list[Outcomed]] = {}
+        try:
+            self._receive(lane, done)
+        finally:
+            for sink, events in done.items():
+                try:
+                    sink.done_many(events)
+                except Exception:  # a sink that raised (a future cancelled meanwhile) must not stop the others
+                    log.exception("runmap: handing on the outcome of inputs from %s failed", lane.replica.name)
+
+    def _receive(self, lane: Lane, done: dict[Sink, list[Outcomed]]) -> None:
         reader = lane.reader
         while not lane.closed:
             buffer = reader.buffer()
@@ -455,16 +467,23 @@ class Dispatcher:
                 call = lane.answered(call_id)
                 if call is None:
                     continue  # the answer to a call that already timed out
-                self._deliver(lane, call, status, body)
+                if status != 200:
+                    self._deliver(lane, call, status, body)
+                    continue
+                event = self.pool.outcome_of(lane.replica, call.task, body, call.started)
+                if event is not None:
+                    sink = call.task.sink
+                    events = done.get(sink)
+                    if events is None:
+                        done[sink] = [event]
+                    else:
+                        events.append(event)
             if n < len(buffer):
                 return  # the socket is drained: no need for a recv that would only say so
 
     def _deliver(self, lane: Lane, call: _Call, status: int, body: bytes) -> None:
         try:
-            if status == 200:
-                self.pool.finish(lane.replica, call.task, body, call.started)
-            else:
-                self.pool.refused(lane.replica, call.task, status, body)
+            self.pool.refused(lane.replica, call.task, status, body)
         except Exception:  # a sink that raised (a future cancelled meanwhile) must not stop the others
             log.exception("runmap: handing on the outcome of inputs from %s failed", lane.replica.name)
 

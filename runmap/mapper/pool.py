@@ -35,7 +35,7 @@ from runmap.exceptions import ReplicaDiedError, ReplicaError, ReplicaTimeoutErro
 from runmap.mapper.dispatch import Dispatcher, Lane
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT, LivenessMonitor, probe
 from runmap.mapper.provider import ReplicaProvider
-from runmap.mapper.tasks import Task, TaskQueue
+from runmap.mapper.tasks import Outcomed, Task, TaskQueue
 from runmap.module import Remote
 from runmap.servlet import Servlet
 from runmap.transport.base import Channel
@@ -198,6 +198,12 @@ class ReplicaPool:
 
     def finish(self, replica: Replica, task: Task, data: bytes, started: float) -> None:
         """A call answered with ``data``, the pickled outcome of ``task``."""
+        event = self.outcome_of(replica, task, data, started)
+        if event is not None:
+            task.sink.done(*event)
+
+    def outcome_of(self, replica: Replica, task: Task, data: bytes, started: float) -> Outcomed | None:
+        """The event of a call answered with ``data``, for its sink; None if it failed to unpickle (the sink heard)."""
         try:
             outcome = ser.load_outcome(data)
         except Exception as exc:
@@ -211,8 +217,8 @@ class ReplicaPool:
                     replica=replica.name,
                 ),
             )
-            return
-        task.sink.done(task, outcome, replica.name, time.perf_counter() - started)
+            return None
+        return task, outcome, replica.name, time.perf_counter() - started
 
     def refused(self, replica: Replica, task: Task, status: int, detail: bytes) -> None:
         """The servlet refused ``task`` with ``status`` (its JSON ``detail``): the task fails."""

@@ -182,9 +182,13 @@ class MapRun:
                     event = self.sink.events.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     continue
-                if event is not _WAKE:
+                if event is _WAKE:
+                    continue
+                if type(event) is list:  # the outcomes of one read (Sink.done_many)
+                    bar.update(sum(self._receive(*one) for one in event))
+                else:
                     bar.update(self._receive(*event))
-                    bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
+                bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
         finally:
             self.sink.cancelled = True
             self.pool.tasks.discard(self.sink)

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from runmap import serialization as ser
 
@@ -31,12 +31,16 @@ class Sink:
     """Where the final events of a map's tasks go: a queue the map loop reads."""
 
     def __init__(self) -> None:
-        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[tuple[Any, ...] | list[Outcomed]] = queue.SimpleQueue()
         self.cancelled = False
         self.seconds: float | None = None  # how long its calls take, on average (set by dispatch.py)
 
     def done(self, task: Task, outcome: ser.Outcome, replica: str, seconds: float) -> None:
         self.events.put((task, outcome, replica, seconds))
+
+    def done_many(self, events: list[Outcomed]) -> None:
+        """Several tasks' outcomes (the answers of one read): one event, so the map loop wakes once."""
+        self.events.put(events)
 
     def failed(self, task: Task, exc: BaseException) -> None:
         self.events.put((task, exc, None, 0.0))
@@ -49,6 +53,9 @@ class Sink:
     def requeued(self, task: Task) -> None:
         """``task`` lost its replica and runs again, whole (it is still in flight)."""
         self.events.put((task, Requeued(task.count), None, 0.0))
+
+
+Outcomed: TypeAlias = "tuple[Task, ser.Outcome, str, float]"  # what Sink.done hears: task, outcome, replica, seconds
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ class FutureSink(Sink):
 
     def requeued(self, task: Task) -> None:
         pass
+
+    def done_many(self, events: list[Outcomed]) -> None:
+        for event in events:
+            self.done(*event)
 
     def failed(self, task: Task, exc: BaseException) -> None:
         task.items.clear()
