@@ -96,6 +96,7 @@ class LocalCluster(Cluster):
             "token": self.token,
             "host": self.host,
             "port": 0,
+            "local_socket": sys.platform == "linux",  # also listen in the abstract namespace (runner.bind_local)
             "max_body": self.max_body,
             "sys_path": code + client_sys_path(with_site_packages=not env.needs_build),
             "working_dir": working_dir,
@@ -111,7 +112,7 @@ class LocalCluster(Cluster):
             cwd=working_dir or os.getcwd(),
             template=template_for(python, environ),
         )
-        endpoint = Endpoint(env.name, (self.host, int(ready["port"])), self.token)
+        endpoint = Endpoint(env.name, (self.host, int(ready["port"])), self.token, local=ready.get("local"))
         return Servlet(env, self, endpoint, SubprocessServlet(proc, log, log_start))
 
 

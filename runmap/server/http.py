@@ -48,7 +48,7 @@ import sys
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httptools
@@ -134,14 +134,18 @@ class HttpServer:
         """A protocol for one new connection (the factory ``loop.create_server`` takes)."""
         return HttpConnection(self)
 
-    def serve(self, sock: socket.socket, ready: Callable[[], None] | None = None) -> None:
-        """Serves on the listening ``sock`` in this thread, on a loop of its own, until :meth:`stop`.
+    def serve(
+        self, sock: socket.socket, ready: Callable[[], None] | None = None, also: Sequence[socket.socket] = ()
+    ) -> None:
+        """Serves on the listening ``sock`` (and those in ``also``) in this thread, on a loop of its own.
+
+        It returns when :meth:`stop` is called.
 
         ``ready`` is called once connections are accepted.
         """
         loop = self._loop = new_event_loop()
         try:
-            loop.run_until_complete(self._serve(sock, ready))
+            loop.run_until_complete(self._serve([sock, *also], ready))
         finally:
             tasks = asyncio.all_tasks(loop)
             for task in tasks:  # calls in flight: their clients are gone with the connections
@@ -166,21 +170,23 @@ class HttpServer:
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
 
-    async def _serve(self, sock: socket.socket, ready: Callable[[], None] | None) -> None:
+    async def _serve(self, socks: list[socket.socket], ready: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
-        listener = await loop.create_server(self.connection, sock=sock, backlog=BACKLOG)
+        listeners = [await loop.create_server(self.connection, sock=sock, backlog=BACKLOG) for sock in socks]
         if ready is not None:
             ready()
         if not self._stop_asked:
             await self._stop
-        listener.close()
+        for listener in listeners:
+            listener.close()
         for connection in list(self.connections):
             connection.transport.abort()
         for frames in list(self.upgraded):
             if frames.transport is not None:
                 frames.transport.abort()
-        await listener.wait_closed()
+        for listener in listeners:
+            await listener.wait_closed()
         await asyncio.sleep(0)  # connection_lost, for each
 
 

@@ -36,12 +36,16 @@ class Endpoint:
         token: the cluster's bearer token (hidden from ``repr``).
         keepalive: turn TCP keepalive on, for peers that can vanish without
             closing their sockets (another machine).
+        local: the name of the servlet's socket in Linux's abstract namespace
+            (a servlet of this machine's local cluster), which a client tries
+            before ``address``: it skips the TCP/IP stack. None: ``address`` only.
     """
 
     name: str
     address: Address
     token: str = field(repr=False)
     keepalive: bool = False
+    local: str | None = None
 
     @property
     def unix(self) -> bool:

@@ -148,22 +148,11 @@ class HTTPChannel:
     def _connect(self) -> socket.socket:
         if self._aborted:
             raise ReplicaDiedError(f"the channel to {self.replica} was aborted", self.replica)
-        address = self.endpoint.address
+        endpoint = self.endpoint
         with self._translate(None):
-            if isinstance(address, str):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.settimeout(CONNECT_TIMEOUT)
-                    sock.connect(address)
-                except BaseException:
-                    sock.close()
-                    raise
-            else:
-                sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
-        if not isinstance(address, str):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.endpoint.keepalive:
-                set_keepalive(sock)
+            sock = _connect_local(endpoint.local) if endpoint.local else None
+            if sock is None:
+                sock = _connect_address(endpoint)
         sock.settimeout(None)
         self._timeout = None
         self._buf = b""
@@ -372,3 +361,37 @@ def status_error(replica: str, status: int, data: bytes) -> Exception:
     if status == 422:
         return SerializationError(message, side=detail.get("side"), replica=replica)
     return ProtocolError(f"{message} (HTTP {status})", status)
+
+
+def _connect_address(endpoint: Endpoint) -> socket.socket:
+    """A connection to ``endpoint.address``: TCP (no delay, keepalive if asked), or a Unix socket's path."""
+    address = endpoint.address
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if endpoint.keepalive:
+        set_keepalive(sock)
+    return sock
+
+
+def _connect_local(name: str) -> socket.socket | None:
+    """A connection to the abstract Unix socket ``name`` (runner.bind_local); None if it can't be reached from here."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect("\0" + name)
+    except OSError:  # another machine, or network namespace, than the servlet's: TCP instead
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

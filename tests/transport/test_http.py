@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import socket
+import sys
 
 import pytest
 
@@ -115,5 +117,45 @@ def test_errors_come_back_as_runmap_errors(cluster: rm.LocalCluster) -> None:
         # The connection is still good after a refused request.
         payload = ser.dump_call(ser.STAR, [("ok",)], None)
         assert ser.load_outcome(channel.call(remote_echo.module_name, None, payload)).results == ["ok"]
+    finally:
+        channel.close()
+
+
+# ------------------------------------------------------- the local servlets' Unix socket
+
+
+def _peer_family(channel: HTTPChannel) -> socket.AddressFamily:
+    sock = channel._connect()
+    try:
+        return sock.family
+    finally:
+        sock.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux's")
+def test_a_local_servlet_is_reached_on_its_unix_socket_and_it_asks_for_the_token(cluster: rm.LocalCluster) -> None:
+    remote = rm.function(echo).to(cluster)
+    endpoint = remote.servlet.endpoint
+    assert endpoint.local and endpoint.local not in repr(endpoint.describe())
+    channel = HTTPChannel(endpoint)
+    try:
+        assert _peer_family(channel) == socket.AF_UNIX
+        assert channel.info()["name"] == remote.servlet.name
+    finally:
+        channel.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # as any process of this machine may
+        sock.settimeout(10)
+        sock.connect("\0" + endpoint.local)
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+
+
+def test_a_client_that_cannot_reach_the_unix_socket_uses_tcp(cluster: rm.LocalCluster) -> None:
+    # Another machine or network namespace than the servlet's: the name means nothing there.
+    servlet = rm.function(echo).to(cluster).servlet
+    channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="runmap-nowhere"))
+    try:
+        assert _peer_family(channel) in (socket.AF_INET, socket.AF_INET6)
+        assert channel.info()["name"] == servlet.name
     finally:
         channel.close()

@@ -172,8 +172,9 @@ def test_a_client_killed_outright_leaves_no_master_connected(ssh_hosts: SshHosts
 def test_a_session_never_logs_in_on_its_own_when_the_master_is_gone(ssh_hosts: SshHosts, connect: Connect) -> None:
     conn = connect("host-b")
     assert conn.master_pid is not None
+    master = psutil.Process(conn.master_pid)  # before the kill: reaped at once, its pid is gone
     os.kill(conn.master_pid, signal.SIGKILL)
-    psutil.Process(conn.master_pid).wait(WAIT)
+    master.wait(WAIT)
     assert not conn.alive()
     # Without ProxyCommand=false in the session's options, ssh would log in again by itself.
     r = conn.run("id -un")
