@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -93,6 +92,8 @@ class Env:
             g = self.git
             parts.append([g.url, g.commit, g.path, g.reqs_file, g.conda_file])
         body = json.dumps(parts, sort_keys=True)
+        import hashlib  # here: a plain map never hashes an env, and hashlib costs a short script ~5 ms
+
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
