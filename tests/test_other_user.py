@@ -128,3 +128,57 @@ def test_log_files_are_not_opened_through_symlinks(tmp_path: Path) -> None:
     fd = open_private(tmp_path / "new.log")
     os.close(fd)
     assert (tmp_path / "new.log").stat().st_mode & 0o777 == 0o600
+
+
+SQUATTER = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind("\\0" + sys.argv[1])
+    s.listen()
+    print("listening", flush=True)
+    s.settimeout(20)
+    conn, _ = s.accept()
+    conn.settimeout(5)
+    got = b""
+    try:
+        while chunk := conn.recv(65536):
+            got += chunk
+    except OSError:
+        pass
+    print(repr(got), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux's")
+def test_a_local_socket_name_another_user_holds_never_gets_the_token() -> None:
+    # Any user may bind a name in the abstract namespace, e.g. one read from /proc/net/unix after its
+    # servlet ended: the client must not send its token there, and reaches the servlet over TCP instead.
+    import dataclasses
+
+    import runmap as rm
+    from runmap.transport.http import HTTPChannel
+
+    ensure_user(ATTACKER)
+    name = "runmap-squatted-" + os.urandom(6).hex()
+    squatter = subprocess.Popen(
+        ["runuser", "-u", ATTACKER, "--", "/usr/bin/python3", "-c", SQUATTER, name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
+        with rm.LocalCluster(name="squat") as cluster:
+            servlet = rm.function(len).to(cluster).servlet
+            channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local=name))
+            try:
+                assert channel.info()["name"] == servlet.name  # over TCP
+            finally:
+                channel.close()
+        got, _ = squatter.communicate(timeout=30)
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert got.strip() == "b''", got  # the client connected, saw whose socket it was, and left
+    assert cluster.token not in got

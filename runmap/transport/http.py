@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +34,9 @@ from runmap.exceptions import (
 )
 from runmap.transport import framing as frames
 from runmap.transport.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+_PEERCRED = struct.Struct("3i")  # struct ucred
 
 CONNECT_TIMEOUT = 10.0
 SMALL_BODY = 64 << 10  # up to this, head and body go out in one send (one segment, one wake-up)
@@ -383,15 +389,33 @@ def _connect_address(endpoint: Endpoint) -> socket.socket:
 
 
 def _connect_local(name: str) -> socket.socket | None:
-    """A connection to the abstract Unix socket ``name`` (runner.bind_local); None if it can't be reached from here."""
+    """A connection to the abstract Unix socket ``name`` (runner.bind_local); None if it can't be used from here.
+
+    Any user may bind a name in the abstract namespace (one seen in
+    ``/proc/net/unix`` once its servlet is gone, or on another machine), so the
+    socket is used only if the process listening on it runs as this user: the
+    token is never sent to anyone else's. Otherwise the endpoint's TCP address
+    is used, as from another machine.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         sock.connect("\0" + name)
+        owner = _peer_uid(sock)
     except OSError:  # another machine, or network namespace, than the servlet's: TCP instead
         sock.close()
         return None
     except BaseException:
         sock.close()
         raise
+    if owner != os.getuid():
+        sock.close()
+        log.warning("runmap: the local socket %s belongs to uid %d, not this user: using TCP", name, owner)
+        return None
     return sock
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (Linux's SO_PEERCRED: pid, uid, gid)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(creds)[1])
