@@ -356,7 +356,7 @@ class Dispatcher:
         """
         tasks = self.pool.tasks
         concurrency = self.concurrency
-        lanes = [lane for lane in self._lanes if not (lane.closed or lane.draining or lane.replica.retired)]
+        lanes = self._open_lanes()
         room = False
         for lane in lanes:
             inflight = lane.inflight
@@ -384,6 +384,10 @@ class Dispatcher:
                 self._flush(lane)
         return room
 
+    def _open_lanes(self) -> list[Lane]:
+        """The lanes that take calls: not closed, nor on their way out."""
+        return [lane for lane in self._lanes if not (lane.closed or lane.draining or lane.replica.retired)]
+
     def _rebalance(self, lanes: list[Lane]) -> None:
         """With no task left to send, lanes that ran dry take queued calls back from the fullest ones."""
         concurrency = self.concurrency
@@ -403,7 +407,7 @@ class Dispatcher:
         task = lane.taken_back(call_id, status)
         if task is None or task.sink.cancelled:
             return
-        lanes = [other for other in self._lanes if not (other.closed or other.draining or other.replica.retired)]
+        lanes = self._open_lanes()
         if lanes:
             min(lanes, key=lambda other: len(other.inflight)).send(task)
         else:

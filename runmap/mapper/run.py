@@ -190,6 +190,8 @@ class MapRun:
                     bar.update(self._receive(*event))
                 bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
         finally:
+            if isinstance(self.chunks, AdaptiveChunks) and self.chunks.pace is not None:
+                self.mapper.pace = self.chunks.pace  # where the Mapper's next map starts
             self.sink.cancelled = True
             self.pool.tasks.discard(self.sink)
             bar.close()
@@ -292,8 +294,6 @@ class MapRun:
             self.errors += task.count
             return task.count
         self.chunks.record(task.count, seconds, len(task.payload))
-        if isinstance(self.chunks, AdaptiveChunks):
-            self.mapper.pace = self.chunks.pace  # where the Mapper's next map starts
         results: list[Any] = outcome.results
         retry = []
         for i, err in outcome.errors.items():

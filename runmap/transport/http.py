@@ -373,14 +373,7 @@ def _connect_address(endpoint: Endpoint) -> socket.socket:
     """A connection to ``endpoint.address``: TCP (no delay, keepalive if asked), or a Unix socket's path."""
     address = endpoint.address
     if isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(address)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _unix_connection(address)
     sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if endpoint.keepalive:
@@ -397,14 +390,12 @@ def _connect_local(name: str) -> socket.socket | None:
     token is never sent to anyone else's. Otherwise the endpoint's TCP address
     is used, as from another machine.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect("\0" + name)
-        owner = _peer_uid(sock)
+        sock = _unix_connection("\0" + name)
     except OSError:  # another machine, or network namespace, than the servlet's: TCP instead
-        sock.close()
         return None
+    try:
+        owner = _peer_uid(sock)
     except BaseException:
         sock.close()
         raise
@@ -412,6 +403,18 @@ def _connect_local(name: str) -> socket.socket | None:
         sock.close()
         log.warning("runmap: the local socket %s belongs to uid %d, not this user: using TCP", name, owner)
         return None
+    return sock
+
+
+def _unix_connection(path: str) -> socket.socket:
+    """A connection to the Unix socket ``path`` (a leading NUL: Linux's abstract namespace)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
