@@ -17,6 +17,8 @@ from pathlib import Path
 
 from runmap.exceptions import ConfigError
 
+SUN_PATH_MAX = 107  # a Unix socket's path, NUL excluded, must fit in sockaddr_un (108 bytes on Linux)
+
 
 class UnsafePathError(ConfigError):
     """A directory or file runmap would trust belongs to someone else or is open to others."""

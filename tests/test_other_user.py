@@ -154,7 +154,8 @@ SQUATTER = textwrap.dedent(
 @pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux's")
 def test_a_local_socket_name_another_user_holds_never_gets_the_token() -> None:
     # Any user may bind a name in the abstract namespace, e.g. one read from /proc/net/unix after its
-    # servlet ended: the client must not send its token there, and reaches the servlet over TCP instead.
+    # servlet ended: the client must not send its token there, nor to the servlet's port (the name
+    # taken means the servlet is gone, and its port may be someone else's too).
     import dataclasses
 
     import runmap as rm
@@ -173,12 +174,84 @@ def test_a_local_socket_name_another_user_holds_never_gets_the_token() -> None:
             servlet = rm.function(len).to(cluster).servlet
             channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local=name))
             try:
-                assert channel.info()["name"] == servlet.name  # over TCP
+                with pytest.raises(rm.ReplicaDiedError, match="is gone"):
+                    channel.info()
             finally:
                 channel.close()
+            assert rm.function(len).to(cluster)("four") == 4  # the servlet, on its own name
         got, _ = squatter.communicate(timeout=30)
     finally:
         squatter.kill()
         squatter.wait()
     assert got.strip() == "b''", got  # the client connected, saw whose socket it was, and left
-    assert cluster.token not in got
+    assert servlet.endpoint.token not in got
+
+
+PORT_SQUATTER = textwrap.dedent(
+    """
+    import socket, sys
+    dead, other = int(sys.argv[1]), int(sys.argv[2])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", dead))
+    s.listen()
+    print("listening", flush=True)
+    s.settimeout(20)
+    conn, _ = s.accept()
+    conn.settimeout(10)
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    conn.close()
+    [auth] = [line for line in head.split(b"\\r\\n") if line.lower().startswith(b"authorization:")]
+    print(auth.split(b" ", 2)[2].decode(), flush=True)
+    # What it learned, tried on the servlet still alive.
+    replay = socket.create_connection(("127.0.0.1", other), timeout=10)
+    replay.sendall(b"GET /info HTTP/1.1\\r\\nHost: x\\r\\n" + auth + b"\\r\\n\\r\\n")
+    print(replay.recv(65536).split(b"\\r\\n")[0].decode(), flush=True)
+    """
+)
+
+
+def test_a_dead_servlets_port_taken_by_another_user_learns_nothing_that_opens_another_servlet() -> None:
+    # Loopback allows no peer check: after a servlet dies, another user can bind its port, and the next
+    # connection to that endpoint (a reconnect, a liveness probe) sends the token to them. Each servlet
+    # has a token of its own, so what they receive opens no other servlet.
+    import dataclasses
+
+    import psutil
+
+    import runmap as rm
+
+    ensure_user(ATTACKER)
+    with rm.LocalCluster(name="squat-tcp") as cluster:
+        rm.function(len).to(cluster, env=rm.env(name="doomed"))
+        rm.function(len).to(cluster, env=rm.env(name="alive"))
+        doomed, alive = sorted(cluster.servlets, key=lambda s: s.name != "doomed")
+        endpoint = dataclasses.replace(doomed.endpoint, local=None)  # loopback TCP only
+        assert doomed.pid is not None
+        victim = psutil.Process(doomed.pid)
+        victim.kill()
+        victim.wait(timeout=10)
+        squatter = subprocess.Popen(
+            ["runuser", "-u", ATTACKER, "--", "/usr/bin/python3", "-c", PORT_SQUATTER,
+             str(endpoint.address[1]), str(alive.endpoint.address[1])],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
+            with pytest.raises(rm.RunmapError):
+                endpoint.open_channel().info()  # reaches the squatter, which hangs up
+            out, _ = squatter.communicate(timeout=30)
+        finally:
+            squatter.kill()
+            squatter.wait()
+        learned, replayed = out.splitlines()
+        assert learned == doomed.endpoint.token  # the squatter did receive the dead servlet's token ...
+        assert replayed == "HTTP/1.1 401 Unauthorized", replayed  # ... which the live servlet refuses
+        assert alive.endpoint.token not in out
+        assert rm.function(len).to(cluster, env=rm.env(name="alive"))("four") == 4

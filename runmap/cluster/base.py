@@ -44,7 +44,11 @@ class Cluster(ABC):
 
     Attributes:
         name: the cluster's name, shown in replica descriptions and ``runmap status``.
-        token: the bearer token every servlet of this cluster demands.
+
+    Each servlet demands a token of its own (:func:`new_token`, made by ``_launch``), which
+    only its ``Endpoint`` holds: whoever takes a dead servlet's address (its loopback
+    port, on this machine or a host) and so receives what a client sends there learns
+    nothing that opens another servlet.
     """
 
     kind = "base"
@@ -55,7 +59,6 @@ class Cluster(ABC):
     def __init__(self, name: str, stream_logs: bool = True) -> None:
         self.name = name
         self.stream_logs = stream_logs
-        self.token = new_token()
         self._servlets: dict[str, Servlet] = {}
         self._starting: dict[str, threading.Lock] = {}
         self._replica_counters: dict[str, int] = {}
@@ -208,6 +211,6 @@ class Cluster(ABC):
 
 
 def new_token() -> str:
-    """A cluster's token: 32 bytes from the OS's CSPRNG, URL-safe (``secrets.token_urlsafe(32)``, whose
+    """A servlet's token: 32 bytes from the OS's CSPRNG, URL-safe (``secrets.token_urlsafe(32)``, whose
     import, through ``hmac`` and ``random``, would cost a short script a tenth of its start-up)."""
     return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from runmap.cluster.base import Cluster
+from runmap.cluster.base import Cluster, new_token
 from runmap.cluster.process import STOPPED, ExitKind, ExitStatus, ServletProcess
 from runmap.envs.env import Env
 from runmap.server.state import ServletState
@@ -73,4 +73,4 @@ class InProcessCluster(Cluster):
     def _launch(self, env: Env) -> Servlet:
         address = f"{INPROCESS}{self.name}/{env.name}/{uuid.uuid4().hex[:8]}"
         process = InProcessServletProcess(address, ServletState(env.name))
-        return Servlet(env, self, Endpoint(env.name, address, self.token), process)
+        return Servlet(env, self, Endpoint(env.name, address, new_token()), process)

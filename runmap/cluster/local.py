@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from runmap.cluster.base import Cluster
+from runmap.cluster.base import Cluster, new_token
 from runmap.cluster.process import SubprocessServlet, start_subprocess_servlet
 from runmap.cluster.template import template_for
 from runmap.envs.env import Env
@@ -91,9 +91,10 @@ class LocalCluster(Cluster):
         python = self.python_for(env)
         environ = {**os.environ, **env.env_vars, "PYTHONUNBUFFERED": "1"}
         log = log_dir(self.name) / f"{env.name}.log"
+        token = new_token()
         config = {
             "name": env.name,
-            "token": self.token,
+            "token": token,
             "host": self.host,
             "port": 0,
             "local_socket": sys.platform == "linux",  # also listen in the abstract namespace (runner.bind_local)
@@ -112,7 +113,7 @@ class LocalCluster(Cluster):
             cwd=working_dir or os.getcwd(),
             template=template_for(python, environ),
         )
-        endpoint = Endpoint(env.name, (self.host, int(ready["port"])), self.token, local=ready.get("local"))
+        endpoint = Endpoint(env.name, (self.host, int(ready["port"])), token, local=ready.get("local"))
         return Servlet(env, self, endpoint, SubprocessServlet(proc, log, log_start))
 
 

@@ -1,6 +1,6 @@
 """The servlet's HTTP face: a bare ASGI app over :class:`ServletState`.
 
-Routes (all but ``GET /health`` demand the cluster's bearer token):
+Routes (all but ``GET /health`` demand the servlet's bearer token):
 
     GET    /health                      liveness, no token
     GET    /info                        name, pid, modules, uptime (JSON)

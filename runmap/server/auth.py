@@ -1,6 +1,6 @@
 """ASGI middleware in front of every servlet route: the token and the body limit.
 
-It sits in front of the routes so that a request without the cluster's token is refused
+It sits in front of the routes so that a request without the servlet's token is refused
 before any routing, parsing or unpickling happens. Only ``GET /health`` is open.
 """
 

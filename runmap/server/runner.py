@@ -2,8 +2,15 @@
 
 The launcher writes one JSON line of configuration to the servlet's stdin, the
 token among it (never on a command line, where ``ps`` would show it), and keeps
-stdin open. The servlet binds its socket, answers with one JSON line on stdout
-(``{"port": ..., "pid": ...}``), then sends its stdout to its stderr (the log).
+stdin open. The servlet binds its sockets, answers with one JSON line on stdout
+(``{"port": ..., "local": ..., "unix": ..., "pid": ...}``), then sends its stdout
+to its stderr (the log).
+
+Where it listens, by its configuration: ``host`` and ``port`` (TCP; ``port``
+None for none), ``local_socket`` (also a name in Linux's abstract namespace),
+``unix_socket`` (a socket file in the user's private runtime directory, which
+no other user can take after this servlet ends, as they can its loopback port:
+what an SSH host's servlets use).
 
 A servlet must not outlive its client. Two signals tell it the client is gone:
 end-of-file on stdin (the client's end of the pipe closed, however the client
@@ -12,6 +19,7 @@ died), and its parent process changing (a fork of the client kept the pipe).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +33,7 @@ from typing import Any
 from runmap.server import logfile
 
 PARENT_POLL_SECONDS = 0.5
+_socket_file: str | None = None  # bind_unix's, removed when the servlet leaves
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -56,6 +65,53 @@ def bind_local() -> tuple[socket.socket, str]:
         raise
     sock.set_inheritable(True)
     return sock, name
+
+
+def bind_unix() -> tuple[socket.socket, str]:
+    """A listening Unix socket file in the user's private runtime directory, and its path.
+
+    Only this user can create a file there, so whoever later connects to the path
+    reaches this servlet or nothing: unlike a loopback port, which any local user
+    may bind once its servlet has gone, and so receive what a client sends to it.
+    The file is named after the servlet's pid and removed when it leaves; one that
+    a servlet killed outright left behind is removed by the next to start.
+    """
+    from runmap.paths import SUN_PATH_MAX, runtime_subdir
+
+    directory = runtime_subdir("servlets")
+    _remove_stale_sockets(directory)
+    path = str(directory / f"{os.getpid()}.sock")
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise OSError(f"socket path {path} is over {SUN_PATH_MAX} bytes: set RUNMAP_HOME to a shorter directory")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    global _socket_file
+    _socket_file = path
+    return sock, path
+
+
+def _remove_stale_sockets(directory: Any) -> None:
+    """Removes the socket files in ``directory`` whose servlet (named by its pid) is gone, and ours."""
+    for entry in os.scandir(directory):
+        pid = entry.name.removesuffix(".sock")
+        if not (pid.isdigit() and entry.name.endswith(".sock")):
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive (or another user's process now: left alone)
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
 
 
 def watch_parent(on_gone: Any, stdin_watch: bool = True) -> None:
@@ -127,21 +183,25 @@ def main() -> None:
     become_subreaper()
     log = logfile.from_config(config)  # before the ready line: a symlink there fails the start
 
-    sock = bind(config.get("host", "127.0.0.1"), int(config.get("port", 0)))
+    port = config.get("port", 0)
+    sock = bind(config.get("host", "127.0.0.1"), int(port)) if port is not None else None
     local_sock, local = bind_local() if config.get("local_socket") else (None, None)
+    unix_sock, unix = bind_unix() if config.get("unix_socket") else (None, None)
+    socks = [s for s in (sock, local_sock, unix_sock) if s is not None]
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
     server = HttpServer(app, config["token"])
 
     # The client is gone, or asks this servlet to leave (it closed stdin): no one waits for
     # an answer any more, not even to calls in flight, so leave at once.
     watch_parent(leave)
-    sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "local": local, "pid": os.getpid()}) + "\n")
+    port = sock.getsockname()[1] if sock is not None else None
+    sys.stdout.write(json.dumps({"port": port, "local": local, "unix": unix, "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
     # From here on, whatever user code prints goes to the servlet's log (capped: logfile.py).
     logfile.capture(log)
     signal.signal(signal.SIGTERM, lambda *_: leave())
     try:
-        server.serve(sock, also=[local_sock] if local_sock is not None else [])  # returns only when it fails
+        server.serve(socks[0], also=socks[1:])  # returns only when it fails
     except BaseException:
         traceback.print_exc()
     leave(1)
@@ -155,6 +215,9 @@ def leave(status: int = 0) -> None:
     from runmap.server.reaper import end_descendants
 
     end_descendants()
+    if _socket_file is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(_socket_file)
     logfile.drain()
     os._exit(status)
 

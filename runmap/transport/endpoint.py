@@ -2,7 +2,7 @@
 
 An endpoint holds a servlet's address (``(host, port)`` over TCP, or the path
 of a Unix socket, such as the local end of an SSH forward), the replica's name
-and the cluster's token. It can be pickled and sent anywhere, so any process
+and the servlet's token. It can be pickled and sent anywhere, so any process
 that holds one (the client, or a Mapper running on the cluster) opens channels
 to that replica, whatever kind of cluster it runs on. The token is kept out of
 ``repr`` and :meth:`describe`, so it never reaches logs or the registry.
@@ -33,7 +33,7 @@ class Endpoint:
     Attributes:
         name: the replica's name, used in errors.
         address: ``(host, port)``, or the path of a Unix socket.
-        token: the cluster's bearer token (hidden from ``repr``).
+        token: the servlet's own bearer token (hidden from ``repr``).
         keepalive: turn TCP keepalive on, for peers that can vanish without
             closing their sockets (another machine).
         local: the name of the servlet's socket in Linux's abstract namespace

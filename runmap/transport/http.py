@@ -33,7 +33,7 @@ from runmap.exceptions import (
     SerializationError,
 )
 from runmap.transport import framing as frames
-from runmap.transport.endpoint import Endpoint
+from runmap.transport.endpoint import Address, Endpoint
 
 log = logging.getLogger(__name__)
 _PEERCRED = struct.Struct("3i")  # struct ucred
@@ -42,6 +42,8 @@ CONNECT_TIMEOUT = 10.0
 SMALL_BODY = 64 << 10  # up to this, head and body go out in one send (one segment, one wake-up)
 RECV_SIZE = 64 << 10  # a reused receive buffer: no allocation (or mmap) per read
 MAX_HEAD = 64 << 10
+_TIMEVAL = struct.Struct("ll")  # struct timeval
+_CONNECT_TIMEVAL, _NO_TIMEVAL = _TIMEVAL.pack(int(CONNECT_TIMEOUT), 0), _TIMEVAL.pack(0, 0)
 _NO_BODY_STATUSES = frozenset({101, 204, 304})
 # A peer machine that vanishes without closing its sockets (power loss, partition)
 # is noticed by TCP keepalive after about IDLE + INTERVAL * COUNT seconds.
@@ -157,6 +159,12 @@ class HTTPChannel:
         endpoint = self.endpoint
         with self._translate(None):
             sock = _connect_local(endpoint.local) if endpoint.local else None
+            if sock is None and endpoint.local and _on_loopback(endpoint.address):
+                # An abstract name and loopback belong to one network namespace: no socket of this
+                # user's under the servlet's name means no servlet, and whoever holds its port now
+                # (any user may bind it once the servlet is gone) must not get this request.
+                gone = f"{self.replica} is gone: nothing of this user's listens on its local socket {endpoint.local}"
+                raise ReplicaDiedError(gone, self.replica)
             if sock is None:
                 sock = _connect_address(endpoint)
         sock.settimeout(None)
@@ -381,18 +389,21 @@ def _connect_address(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
+def _on_loopback(address: Address) -> bool:
+    return isinstance(address, tuple) and (address[0].startswith("127.") or address[0] in ("::1", "localhost"))
+
+
 def _connect_local(name: str) -> socket.socket | None:
-    """A connection to the abstract Unix socket ``name`` (runner.bind_local); None if it can't be used from here.
+    """A connection to the abstract Unix socket ``name`` (runner.bind_local); None if none of this user's is there.
 
     Any user may bind a name in the abstract namespace (one seen in
     ``/proc/net/unix`` once its servlet is gone, or on another machine), so the
     socket is used only if the process listening on it runs as this user: the
-    token is never sent to anyone else's. Otherwise the endpoint's TCP address
-    is used, as from another machine.
+    token is never sent to anyone else's.
     """
     try:
         sock = _unix_connection("\0" + name)
-    except OSError:  # another machine, or network namespace, than the servlet's: TCP instead
+    except OSError:  # the servlet is gone, or this is another machine or network namespace than its
         return None
     try:
         owner = _peer_uid(sock)
@@ -401,17 +412,23 @@ def _connect_local(name: str) -> socket.socket | None:
         raise
     if owner != os.getuid():
         sock.close()
-        log.warning("runmap: the local socket %s belongs to uid %d, not this user: using TCP", name, owner)
+        log.warning("runmap: the local socket %s belongs to uid %d, not this user: not used", name, owner)
         return None
     return sock
 
 
 def _unix_connection(path: str) -> socket.socket:
-    """A connection to the Unix socket ``path`` (a leading NUL: Linux's abstract namespace)."""
+    """A connection to the Unix socket ``path`` (a leading NUL: Linux's abstract namespace).
+
+    A listener whose backlog is full makes a non-blocking connect fail at once
+    (EAGAIN), where TCP would wait; so the connect blocks, for at most
+    CONNECT_TIMEOUT (``SO_SNDTIMEO``, reset after).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(CONNECT_TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _CONNECT_TIMEVAL)
         sock.connect(path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEVAL)
     except BaseException:
         sock.close()
         raise

@@ -57,7 +57,7 @@ def servlets() -> Iterator[dict[str, Servlet]]:
             name = "fast" if s.name == "fast" else "default"
             assert s.pid is not None
             host, port = _address(s)
-            found[name] = Servlet(host, port, s.pid, cluster.token, calls[name], cluster, envs[name])
+            found[name] = Servlet(host, port, s.pid, s.endpoint.token, calls[name], cluster, envs[name])
         assert set(found) == {"fast", "default"}
         yield found
 

@@ -51,7 +51,7 @@ def servlet() -> Iterator[Servlet]:
         remote = {f.__name__: rm.function(f).to(cluster, env=env) for f in (len, zlib.crc32, time.sleep)}
         (s,) = cluster.servlets
         host, port = s.endpoint.address  # type: ignore[misc]
-        yield Servlet((host, port), cluster.token, remote["len"].module_name, remote["crc32"].module_name,
+        yield Servlet((host, port), s.endpoint.token, remote["len"].module_name, remote["crc32"].module_name,
                       remote["sleep"].module_name)  # fmt: skip
 
 

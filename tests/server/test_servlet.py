@@ -32,7 +32,7 @@ def test_listens_on_loopback_only(cluster: rm.LocalCluster) -> None:
 def test_token_is_never_on_a_command_line(cluster: rm.LocalCluster) -> None:
     servlet = _servlet(cluster)
     cmdline = " ".join(psutil.Process(servlet.pid).cmdline())
-    assert cluster.token not in cmdline
+    assert servlet.endpoint.token not in cmdline
     assert "runmap.server" in cmdline
 
 
@@ -44,9 +44,9 @@ def test_every_route_but_health_demands_the_token(cluster: rm.LocalCluster) -> N
         for method, path in [("GET", "/info"), ("PUT", "/modules/x"), ("DELETE", "/modules/x"),
                              ("POST", "/call/x/__call__"), ("GET", "/no/such/route")]:
             assert client.request(method, path).status_code == 401, path
-            wrong = {"Authorization": "Bearer " + "x" * len(cluster.token)}
+            wrong = {"Authorization": "Bearer " + "x" * len(servlet.endpoint.token)}
             assert client.request(method, path, headers=wrong).status_code == 401, path
-        good = {"Authorization": f"Bearer {cluster.token}"}
+        good = {"Authorization": f"Bearer {servlet.endpoint.token}"}
         assert client.get("/info", headers=good).json()["pid"] == servlet.pid
         garbage = client.post("/call/x/__call__", content=b"\x80garbage", headers=good)
         assert garbage.status_code == 404  # unknown module, before any unpickling

@@ -95,10 +95,11 @@ FUZZ_SETTINGS = settings(
 
 
 def test_without_the_token_nothing_but_health_succeeds(servlet, connection) -> None:  # type: ignore[no-untyped-def]
-    cluster, _, module = servlet
+    _, s, module = servlet
+    token = s.endpoint.token
     statuses: list[int] = []
-    wrong_tokens = st.sampled_from([None, "", "Bearer", "Bearer ", "Bearer x", "bearer " + cluster.token,
-                                    cluster.token, "Basic " + cluster.token, "Bearer " + cluster.token[:-1]])
+    wrong_tokens = st.sampled_from([None, "", "Bearer", "Bearer ", "Bearer x", "bearer " + token,
+                                    token, "Basic " + token, "Bearer " + token[:-1]])
 
     @FUZZ_SETTINGS
     @given(method=METHODS, path=_paths(module), auth=wrong_tokens, body=_bodies(module))
@@ -118,9 +119,9 @@ def test_without_the_token_nothing_but_health_succeeds(servlet, connection) -> N
 
 
 def test_with_the_token_garbage_gets_a_4xx(servlet, connection) -> None:  # type: ignore[no-untyped-def]
-    cluster, _, module = servlet
+    _, s, module = servlet
     statuses: list[int] = []
-    auth = {"Authorization": f"Bearer {cluster.token}"}
+    auth = {"Authorization": f"Bearer {s.endpoint.token}"}
     calls = st.sampled_from([f"/call/{module}/__call__", f"/call/{module}/__init__", f"/call/{module}/real"])
 
     @FUZZ_SETTINGS

@@ -11,6 +11,7 @@ import pytest
 
 import runmap as rm
 from runmap import serialization as ser
+from runmap.exceptions import ReplicaDiedError
 from runmap.transport.http import HTTPChannel
 
 TEN_MB = 10 << 20
@@ -150,12 +151,36 @@ def test_a_local_servlet_is_reached_on_its_unix_socket_and_it_asks_for_the_token
         assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
 
 
-def test_a_client_that_cannot_reach_the_unix_socket_uses_tcp(cluster: rm.LocalCluster) -> None:
-    # Another machine or network namespace than the servlet's: the name means nothing there.
+def test_a_loopback_servlet_whose_unix_socket_is_gone_is_gone_and_its_port_is_not_tried(
+    cluster: rm.LocalCluster,
+) -> None:
+    # The abstract namespace and loopback are one network namespace's: no socket under the servlet's
+    # name means no servlet, and whoever may hold its port now must not get the request.
     servlet = rm.function(echo).to(cluster).servlet
     channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="runmap-nowhere"))
     try:
-        assert _peer_family(channel) in (socket.AF_INET, socket.AF_INET6)
-        assert channel.info()["name"] == servlet.name
+        with pytest.raises(ReplicaDiedError, match="nothing of this user's listens on its local socket runmap-nowhere"):
+            channel.info()
     finally:
         channel.close()
+
+
+def _an_address_not_on_loopback() -> str:
+    import psutil
+
+    found = [a.address for name, addrs in psutil.net_if_addrs().items() for a in addrs
+             if a.family == socket.AF_INET and not a.address.startswith("127.")]  # fmt: skip
+    assert found, "this test needs a network interface other than loopback"
+    return found[0]
+
+
+def test_a_servlet_told_to_listen_beyond_loopback_is_reached_on_its_address_where_its_name_is_not() -> None:
+    # Another machine than the servlet's (here: a name that is nowhere) reaches it by its address.
+    with rm.LocalCluster(name="wide", host=_an_address_not_on_loopback()) as wide:
+        servlet = rm.function(echo).to(wide).servlet
+        channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="runmap-nowhere"))
+        try:
+            assert _peer_family(channel) == socket.AF_INET
+            assert channel.info()["name"] == servlet.name
+        finally:
+            channel.close()

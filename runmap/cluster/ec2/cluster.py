@@ -331,7 +331,6 @@ class EC2Cluster(Cluster):
             stream_logs=False,  # this cluster follows its servlets' logs
             start_timeout=self._start_timeout or START_TIMEOUT,
         )
-        group.token = self.token  # one cluster, one token
         return group
 
     def _use_value(self, workers: int) -> str:

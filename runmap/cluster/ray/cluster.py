@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from runmap.cluster.base import Cluster
+from runmap.cluster.base import Cluster, new_token
 from runmap.cluster.ray.actor import LostBeforeStart, servlet_actor_class, summarize, translate_errors
 from runmap.cluster.ray.servlet import RayActorProcess, kill_actor
 from runmap.envs.env import Env
@@ -190,11 +190,12 @@ class RayCluster(Cluster):
             with translate_errors(f"the files of replica {env.name!r} could not be uploaded to Ray", died=ClusterError):
                 options["runtime_env"] = self._uploaded(options["runtime_env"])
         client_path = [os.path.abspath(p) for p in sys.path if p]
+        token = new_token()
         attempt = 1
         while True:
             with translate_errors(f"replica {env.name!r} could not be created on Ray", died=ClusterError):
                 actor_class = servlet_actor_class().options(**options)
-                actor = actor_class.remote(env.name, self.token, client_path, self.max_body, self.name)
+                actor = actor_class.remote(env.name, token, client_path, self.max_body, self.name)
             with self._lock:
                 self._actors.append(actor)
             try:
@@ -221,7 +222,7 @@ class RayCluster(Cluster):
                 process.local_pid = pid
             else:
                 process.log = None
-            return Servlet(env, self, Endpoint(env.name, (host, port), self.token, keepalive=True), process)
+            return Servlet(env, self, Endpoint(env.name, (host, port), token, keepalive=True), process)
 
     def _uploaded(self, runtime_env: dict[str, Any]) -> dict[str, Any]:
         """``runtime_env`` with its local ``working_dir`` and ``py_modules`` uploaded to Ray.

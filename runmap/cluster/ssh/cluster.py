@@ -5,16 +5,18 @@
       │            ▼
       ├── ssh -S <master> host 'python -P -m runmap.server'   (one session per replica; stdin carries
       │        the config and the token, its end is the servlet's signal to leave; stderr -> local log)
-      │            │ ready line: {"port": ..., "pid": ...} (the host's loopback)
+      │            │ ready line: {"unix": <host's runtime dir>/servlets/<random>.sock, "pid": ...}
       │            ▼
-      └── Unix socket <runtime dir>/ssh/<cluster>/<replica>.sock ── forwarded by the master ──► 127.0.0.1:port
+      └── Unix socket <runtime dir>/ssh/<cluster>/<replica>.sock ── forwarded by the master ──► the host's socket
 
 A replica is the local ``ssh`` session that runs its servlet, so every part of
 the seam is the local cluster's: the start-up protocol, the pidfd that tells
 at once that the session ended (and :func:`runmap.cluster.ssh.connection.classify_exit`
 says whether the servlet exited, was killed, or the host was lost), the log
 file the client streams, and the pid ``runmap down`` signals. On the host, the
-servlet listens on loopback only; only sshd is exposed.
+servlet listens on a socket file in its user's private runtime directory only
+(no port, which another user of the host could bind once the servlet ended and
+so receive a client's requests); only sshd is exposed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from runmap.cluster.base import Cluster
+from runmap.cluster.base import Cluster, new_token
 from runmap.cluster.process import ExitStatus, SubprocessServlet, start_subprocess_servlet, tail
 from runmap.cluster.ssh.bootstrap import HostInfo, bootstrap, ship_directory
 from runmap.cluster.ssh.connection import SSHConnection
@@ -227,11 +229,14 @@ class SSHCluster(Cluster):
         local_wd = env.checked_working_dir()
         remote_wd = self._ship(host, Path(local_wd), info) if local_wd is not None else None
         log = log_dir(self.name) / f"{env.name}.log"
-        config = {
+        token = new_token()
+        config: dict[str, Any] = {
             "name": env.name,
-            "token": self.token,
-            "host": "127.0.0.1",  # the host's loopback: reached through the SSH connection only
-            "port": 0,
+            "token": token,
+            # A socket file in the host user's private runtime directory, reached through the SSH
+            # connection only; no port: another user of the host could take it once the servlet ends.
+            "port": None,
+            "unix_socket": True,
             "max_body": self.max_body,
             "sys_path": sys_path,
             "working_dir": remote_wd,  # the runner's working directory and first entry of sys.path
@@ -246,7 +251,7 @@ class SSHCluster(Cluster):
         )
         sock = self._sockets / f"{hashlib.blake2b(env.name.encode(), digest_size=6).hexdigest()}.sock"
         try:
-            conn.forward(sock, int(ready["port"]))
+            conn.forward(sock, str(ready["unix"]))
         except BaseException:
             proc.kill()
             proc.wait()
@@ -257,14 +262,14 @@ class SSHCluster(Cluster):
 
         def on_release() -> None:
             self.placement.release(host, env.compute)
-            conn.cancel_forward(sock, int(ready["port"]))
+            conn.cancel_forward(sock)
 
         process = SubprocessServlet(
             proc, log, log_start, host=host, pid=int(ready["pid"]), describe_exit=describe_exit,
             on_release=on_release, log_copier=copier,
         )
         process.watch(lambda: self._host_check(host))
-        return Servlet(env, self, Endpoint(env.name, str(sock), self.token), process)
+        return Servlet(env, self, Endpoint(env.name, str(sock), token), process)
 
     def _host_check(self, host: str) -> None:
         """A session on ``host`` ended: if the connection went with it, the host is lost."""

@@ -94,7 +94,7 @@ from typing import IO, Any
 
 from runmap.cluster.process import ExitKind, ExitStatus
 from runmap.exceptions import ClusterError, ConfigError, HostKeyError
-from runmap.paths import open_private, private_dir
+from runmap.paths import SUN_PATH_MAX, open_private, private_dir
 
 __all__ = ["ExitKind", "ExitStatus", "RemoteCommand", "SSHConnection", "classify_exit"]
 
@@ -109,7 +109,6 @@ CLOSE_EOF_GRACE = 0.5  # seconds a session's processes get at close to leave on 
 CLOSE_TERM_GRACE = 2.0  # ... then after SIGTERM (a servlet leaves at once), before SIGKILL
 SERVER_ALIVE_INTERVAL = 15  # a silent host is lost after SERVER_ALIVE_INTERVAL * SERVER_ALIVE_COUNT seconds
 SERVER_ALIVE_COUNT = 4
-SUN_PATH_MAX = 107  # a Unix socket's path, NUL excluded, must fit in sockaddr_un (108 bytes on Linux)
 SOCKET_SUFFIX = 17  # ssh binds the control socket as "<path>.<16 random characters>", then renames it
 
 EXIT_MARKER = "runmap-exit:"
@@ -377,7 +376,7 @@ class SSHConnection:
         self._log_path = control_dir / f"cm-{self.id}.log"
         self._lock = threading.Lock()
         self._sessions: list[subprocess.Popen[bytes]] = []
-        self._forwards: dict[Path, int] = {}
+        self._forwards: dict[Path, str] = {}
         self._seq = 0
         self._closed = False
         self._master: subprocess.Popen[bytes] | None = None  # the guard shell, whose child is ssh
@@ -695,40 +694,30 @@ class SSHConnection:
 
     # ------------------------------------------------------------------ forwards
 
-    def forward(self, local_socket_path: Path, remote_port: int) -> Path:
-        """Forwards the Unix socket ``local_socket_path`` to ``127.0.0.1:remote_port`` on the host.
+    def forward(self, local_socket_path: Path, remote_socket_path: str) -> Path:
+        """Forwards the Unix socket ``local_socket_path`` to the Unix socket ``remote_socket_path`` on the host.
 
-        The master binds the socket (mode 0600, replacing a stale file: ``StreamLocalBindUnlink``);
-        every connection to it is a channel of the master to the host's loopback.
+        The master binds the local socket (mode 0600, replacing a stale file:
+        ``StreamLocalBindUnlink``); every connection to it is a channel of the
+        master to the host's socket file, which sshd opens as the host's user.
         """
         self._check_open()
-        spec = self._forward_spec(local_socket_path, remote_port)
+        spec = ":".join(_socket_path(p) for p in (local_socket_path, remote_socket_path))
         r = self._control("forward", "-L", spec)
         if r.returncode != 0:
-            raise ClusterError(f"could not forward {local_socket_path} to port {remote_port} on {self.host}: "
+            raise ClusterError(f"could not forward {local_socket_path} to {remote_socket_path} on {self.host}: "
                                f"{r.stderr.strip() or 'ssh -O forward failed'}")  # fmt: skip
         with self._lock:
-            self._forwards[Path(local_socket_path)] = remote_port
+            self._forwards[Path(local_socket_path)] = spec
         return Path(local_socket_path)
 
-    def cancel_forward(self, local_socket_path: Path, remote_port: int) -> None:
+    def cancel_forward(self, local_socket_path: Path) -> None:
         """Ends a :meth:`forward` and removes its socket (ssh leaves the file). Safe to call twice."""
         with self._lock:
-            known = self._forwards.pop(Path(local_socket_path), None)
-        if known is not None and self._master is not None and self._master.poll() is None:
-            self._control("cancel", "-L", self._forward_spec(local_socket_path, remote_port))
+            spec = self._forwards.pop(Path(local_socket_path), None)
+        if spec is not None and self._master is not None and self._master.poll() is None:
+            self._control("cancel", "-L", spec)
         Path(local_socket_path).unlink(missing_ok=True)
-
-    @staticmethod
-    def _forward_spec(local_socket_path: Path, remote_port: int) -> str:
-        path = os.fspath(local_socket_path)
-        if ":" in path or not os.path.isabs(path):
-            raise ConfigError(f"a forwarded socket needs an absolute path without ':', not {path!r}")
-        if len(os.fsencode(path)) > SUN_PATH_MAX:
-            raise ConfigError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
-        if not 0 < int(remote_port) < 65536:
-            raise ConfigError(f"not a port: {remote_port!r}")
-        return f"{path}:127.0.0.1:{int(remote_port)}"
 
     # ------------------------------------------------------------------ closing
 
@@ -832,3 +821,13 @@ def _strip_marker(returncode: int, stderr: bytes) -> tuple[int, bytes]:
     if returncode > 128 and returncode - 128 <= _MAX_SIGNAL:
         return -(returncode - 128), cleaned
     return returncode, cleaned
+
+
+def _socket_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a side of ``ssh -L``'s spec: absolute, without ':', and short enough to bind."""
+    text = os.fspath(path)
+    if ":" in text or not os.path.isabs(text):
+        raise ConfigError(f"a forwarded socket needs an absolute path without ':', not {text!r}")
+    if len(os.fsencode(text)) > SUN_PATH_MAX:
+        raise ConfigError(f"socket path {text} is longer than {SUN_PATH_MAX} bytes")
+    return text

@@ -406,9 +406,10 @@ def test_command_is_a_session_the_caller_starts_itself(connect: Connect) -> None
 
 
 ECHO_SERVER = """
-import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); s.settimeout(30)
-print(s.getsockname()[1], flush=True)
+import os, socket, tempfile
+path = os.path.join(tempfile.mkdtemp(), "echo.sock")  # a directory private to the host's user
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(); s.settimeout(30)
+print(path, flush=True)
 for _ in range(2):
     c, _ = s.accept()
     with c:
@@ -416,16 +417,14 @@ for _ in range(2):
 """
 
 
-def test_forward_reaches_a_tcp_server_on_the_hosts_loopback(
-    ssh_hosts: SshHosts, connect: Connect, control_dir: Path
-) -> None:
+def test_forward_reaches_a_unix_socket_on_the_host(ssh_hosts: SshHosts, connect: Connect, control_dir: Path) -> None:
     conn = connect("host-c")
     server = conn.popen(["python3", "-u", "-c", ECHO_SERVER], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert server.stdout is not None
-    port = int(server.stdout.readline())
+    remote = server.stdout.readline().decode().strip()
     sock = control_dir / "fwd.sock"
     sock.write_text("stale")  # StreamLocalBindUnlink: a stale file in the way is replaced
-    assert conn.forward(sock, port) == sock
+    assert conn.forward(sock, remote) == sock
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     for word in (b"hello", b"again"):
         with socket.socket(socket.AF_UNIX) as c:
@@ -435,9 +434,9 @@ def test_forward_reaches_a_tcp_server_on_the_hosts_loopback(
             assert c.recv(4096) == word.upper()
     assert server.wait(WAIT) == 0
     server.stdout.close()
-    conn.cancel_forward(sock, port)
+    conn.cancel_forward(sock)
     assert not sock.exists()
-    conn.cancel_forward(sock, port)  # twice is fine
+    conn.cancel_forward(sock)  # twice is fine
 
 
 def test_close_ends_every_session_and_forward_and_leaves_nothing(
@@ -451,7 +450,7 @@ def test_close_ends_every_session_and_forward_and_leaves_nothing(
     servlet.stdin.flush()
     assert json.loads(servlet.stdout.readline())["got"] == 1
     conn.run("nohup sleep 301 >/dev/null 2>&1 &", check=True)  # orphaned at once, but tagged
-    sock = conn.forward(control_dir / "f.sock", 9)
+    sock = conn.forward(control_dir / "f.sock", "/nowhere/f.sock")
     # A process of the host's user that another connection started: not this one's to end.
     foreign = ssh_hosts.run("host-a", "nohup sleep 302 >/dev/null 2>&1 </dev/null &")
     assert foreign.returncode == 0, foreign.stderr

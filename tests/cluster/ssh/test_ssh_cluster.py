@@ -75,7 +75,45 @@ def test_the_token_is_not_on_any_command_line_of_a_host(ssh_hosts: SshHosts, hos
     with rm.mapper(rm.function(os.getpid).to(hosts, env=env), num_replicas=6):
         commands = [" ".join(p.cmdline()) for alias in ALL for p in ssh_hosts.processes(alias)]
         assert any("runmap.server" in c for c in commands), commands
-        assert not any(hosts.token in c for c in commands)
+        tokens = [s.endpoint.token for s in hosts.servlets]
+        assert len(tokens) == 6 and not any(t in c for t in tokens for c in commands)
+
+
+def test_a_hosts_servlet_listens_on_no_port_only_on_a_private_socket_file_it_removes(
+    ssh_hosts: SshHosts, hosts: SSHCluster
+) -> None:
+    # Another user of a host could bind a loopback port once its servlet ended, and receive what
+    # the client sends there; a file in the host user's private directory no one else can take.
+    import stat
+
+    import psutil
+
+    env = rm.env(name="sockets", compute={"CPU": 0.5})
+    with rm.mapper(rm.function(abs).to(hosts, env=env), num_replicas=3) as m:
+        assert m.map(range(-30, 0), progress=False) == list(range(30, 0, -1))
+        files = {}
+        for replica in m.replicas:
+            process = psutil.Process(replica.servlet.pid)
+            assert process.username() in ssh_hosts.users
+            assert not [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            [path] = {c.laddr for c in process.net_connections(kind="unix") if c.laddr.endswith(".sock")}
+            directory = os.stat(os.path.dirname(path))
+            assert directory.st_uid == process.uids().real and stat.S_IMODE(directory.st_mode) == 0o700
+            files[replica.servlet.name] = path
+        # One killed outright leaves its file, which the next servlet to start on that host (here: its
+        # replacement, packed into the room left on host-a) removes.
+        killed = m.replicas[-1].servlet
+        assert {r.servlet.host for r in m.replicas} == {"host-a"}  # 3 x 0.5 of its 2 CPUs
+        os.kill(killed.pid, signal.SIGKILL)
+        assert m.map(range(-30, 0), progress=False) == list(range(30, 0, -1))
+        deadline = time.monotonic() + 30
+        while os.path.exists(files[killed.name]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(files[killed.name])
+        for replica in m.replicas:
+            files[replica.servlet.name] = f"{os.path.dirname(files[killed.name])}/{replica.servlet.pid}.sock"
+    hosts.close()  # the others leave on their own, and remove their files
+    assert not [f for f in files.values() if os.path.exists(f)]
 
 
 def test_killing_a_host_mid_map_loses_nothing(ssh_hosts: SshHosts, hosts: SSHCluster) -> None:
