@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-import typing
 
+from runmap._typing import TYPE_CHECKING
 from runmap.exceptions import (
     AllocationError,
     AuthError,
@@ -33,7 +33,9 @@ from runmap.exceptions import (
     SerializationError,
 )
 
-if typing.TYPE_CHECKING:
+if TYPE_CHECKING:
+    from typing import Any
+
     from runmap.cluster import Cluster, LocalCluster, cluster
     from runmap.envs import Env, GitRepo, env
     from runmap.executor import Executor
@@ -113,12 +115,12 @@ _LAZY = {
 _SHADOWED = ("cluster", "mapper", "module")
 
 
-def _load(name: str) -> typing.Any:
+def _load(name: str) -> Any:
     return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 class _Package(types.ModuleType):
-    def __getattr__(self, name: str) -> typing.Any:
+    def __getattr__(self, name: str) -> Any:
         if name not in _LAZY:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = _load(name)
@@ -130,14 +132,14 @@ class _Package(types.ModuleType):
 
 
 def _shadowing(name: str) -> property:
-    cache: list[typing.Any] = []
+    cache: list[Any] = []
 
-    def get(self: types.ModuleType) -> typing.Any:
+    def get(self: types.ModuleType) -> Any:
         if not cache:
             cache.append(_load(name))
         return cache[0]
 
-    def ignore(self: types.ModuleType, value: typing.Any) -> None:
+    def ignore(self: types.ModuleType, value: Any) -> None:
         pass  # the submodule, bound by the import system: the function keeps the name, as it always did
 
     return property(get, ignore)

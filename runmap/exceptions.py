@@ -27,7 +27,10 @@ arrive as :class:`RemoteError`.
 
 from __future__ import annotations
 
-from typing import Any
+from runmap._typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class RunmapError(Exception):

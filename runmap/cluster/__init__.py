@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import TYPE_CHECKING, Any
 
+from runmap._typing import TYPE_CHECKING
 from runmap.exceptions import ConfigError
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from runmap.cluster.base import Cluster
     from runmap.cluster.local import LocalCluster
 

@@ -37,9 +37,12 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import IO, Any
 
+from runmap._typing import TYPE_CHECKING
 from runmap.exceptions import ClusterError
+
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 READY_TIMEOUT = 30.0  # for the template to import the servlet's stack, on a loaded machine
 REPLY_TIMEOUT = 10.0  # for it to fork one servlet

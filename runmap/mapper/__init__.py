@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from runmap._typing import TYPE_CHECKING
 from runmap.cluster import template
+
+if TYPE_CHECKING:
+    from typing import Any
 
 template.warm()  # the servlets' template boots while this client imports the Mapper's machinery
 
