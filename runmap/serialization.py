@@ -30,12 +30,12 @@ import pickle
 import struct
 import threading
 import traceback
-from dataclasses import dataclass, field
-from typing import Any
 
-import cloudpickle
-
+from runmap._typing import TYPE_CHECKING
 from runmap.exceptions import RemoteError, RemoteTraceback, SerializationError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL = 5
 
@@ -50,6 +50,15 @@ _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
 _BYTES_LIKE = (bytes, bytearray)
 
+
+def _cloudpickle() -> Any:
+    """cloudpickle, imported when first needed: a servlet whose modules and results plain pickle
+    handles never imports it (with what it imports: dataclasses, inspect, typing, logging,
+    platform), which is about a fifth of a servlet's start-up."""
+    import cloudpickle
+
+    return cloudpickle
+
 def dumps(obj: Any) -> bytes:
     """Pickles ``obj``, with cloudpickle where plain pickle can't or shouldn't.
 
@@ -60,9 +69,9 @@ def dumps(obj: Any) -> bytes:
     try:
         data = pickle.dumps(obj, protocol=PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+        return _cloudpickle().dumps(obj, protocol=PROTOCOL)
     if b"__main__" in data:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+        return _cloudpickle().dumps(obj, protocol=PROTOCOL)
     return data
 
 
@@ -111,7 +120,7 @@ def dumps_out_of_band(obj: Any) -> bytes:
             raise pickle.PicklingError("by value")
     except Exception:
         buffers.clear()
-        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        data = _cloudpickle().dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
     if not buffers:
         return data
     views = [b.raw() for b in buffers]
@@ -178,7 +187,6 @@ def load_call(data: bytes | bytearray | memoryview) -> tuple[int, list[Any], dic
 # ------------------------------------------------------------------ outcomes
 
 
-@dataclass
 class ErrorInfo:
     """An exception raised by user code in a replica, ready to travel.
 
@@ -186,10 +194,19 @@ class ErrorInfo:
     ``type_name``, ``message`` and ``tb`` always survive.
     """
 
-    exc: bytes | None
-    type_name: str
-    message: str
-    tb: str
+    __slots__ = ("exc", "message", "tb", "type_name")
+
+    def __init__(self, exc: bytes | None, type_name: str, message: str, tb: str) -> None:
+        self.exc = exc
+        self.type_name = type_name
+        self.message = message
+        self.tb = tb
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ErrorInfo) and _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return f"ErrorInfo(type_name={self.type_name!r}, message={self.message!r})"
 
     @classmethod
     def capture(cls, exc: BaseException) -> ErrorInfo:
@@ -241,12 +258,24 @@ def annotate(exc: BaseException, index: int | None, replica: str) -> None:
                  else f"runmap: raised on replica {replica}")  # fmt: skip
 
 
-@dataclass
 class Outcome:
     """Results of one chunk: ``results[i]`` unless ``i in errors``."""
 
-    results: list[Any]
-    errors: dict[int, ErrorInfo] = field(default_factory=dict)
+    __slots__ = ("errors", "results")
+
+    def __init__(self, results: list[Any], errors: dict[int, ErrorInfo] | None = None) -> None:
+        self.results = results
+        self.errors: dict[int, ErrorInfo] = {} if errors is None else errors
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Outcome) and _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return f"Outcome(results={self.results!r}, errors={self.errors!r})"
+
+
+def _fields(obj: Any) -> tuple[Any, ...]:
+    return tuple(getattr(obj, name) for name in obj.__slots__)
 
 
 def dump_outcome(outcome: Outcome) -> bytes:
@@ -298,9 +327,9 @@ def dump_module(obj: Any, by_value: bool = False) -> bytes:
     buf = io.BytesIO()
     shipped = _own_modules(obj) if by_value else []
     for module in shipped:
-        cloudpickle.register_pickle_by_value(module)
+        _cloudpickle().register_pickle_by_value(module)
     try:
-        cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
+        _cloudpickle().CloudPickler(buf, protocol=PROTOCOL).dump(obj)
     except Exception as exc:
         what = getattr(obj[1], "__qualname__", repr(obj[1])) if isinstance(obj, tuple) and len(obj) > 1 else repr(obj)
         raise SerializationError(
@@ -310,7 +339,7 @@ def dump_module(obj: Any, by_value: bool = False) -> bytes:
         ) from exc
     finally:
         for module in shipped:
-            cloudpickle.unregister_pickle_by_value(module)
+            _cloudpickle().unregister_pickle_by_value(module)
     return buf.getvalue()
 
 

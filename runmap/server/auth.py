@@ -6,7 +6,6 @@ before any routing, parsing or unpickling happens. Only ``GET /health`` is open.
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +14,11 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+try:  # hmac's own, without importing hmac, which imports hashlib and with it OpenSSL's libcrypto
+    from _operator import _compare_digest as compare_digest
+except ImportError:  # not CPython (tests/server/test_auth.py pins it on the versions tested)
+    from hmac import compare_digest  # type: ignore[no-redef]
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -51,7 +55,7 @@ class TokenAndLimitMiddleware:
                 if key == b"authorization":
                     auth = value
                     break
-            if not hmac.compare_digest(auth, self.expected):
+            if not compare_digest(auth, self.expected):
                 await send_error(send, 401, "missing or wrong token", [(b"www-authenticate", b"Bearer")])
                 return
         for key, value in headers:

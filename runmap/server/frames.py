@@ -34,11 +34,11 @@ frame that breaks a rule is answered with its status and the connection is close
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from runmap.server.auth import compare_digest
 from runmap.transport.framing import (
     IN_THREAD,
     KEPT,
@@ -104,7 +104,7 @@ class FrameProtocol(asyncio.Protocol):
             start = REQUEST.size + token_len
             if len(buf) < start:
                 return
-            if not hmac.compare_digest(bytes(buf[REQUEST.size : start]), self.token):
+            if not compare_digest(bytes(buf[REQUEST.size : start]), self.token):
                 self._refuse(call_id, 401, "missing or wrong token")
                 return
             if flags & WITHDRAW:

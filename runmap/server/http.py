@@ -41,7 +41,6 @@ looked at), and no timer runs while its requests are served.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import socket
 import sys
@@ -53,6 +52,7 @@ from typing import Any
 
 import httptools
 
+from runmap.server.auth import compare_digest
 from runmap.server.frames import UPGRADE, FrameProtocol, frame_server, upgrade_response
 
 MAX_HEAD_BYTES = 64 << 10  # request line and headers, in bytes
@@ -304,7 +304,7 @@ class HttpConnection(asyncio.Protocol):
         value = value.rstrip(b" \t")  # httptools keeps trailing whitespace, which is not part of a value
         headers.append((name, value))
         if not self._authenticated and name == b"authorization":
-            if hmac.compare_digest(value, self.server.authorization):
+            if compare_digest(value, self.server.authorization):
                 self._authenticated = True
                 self.server.unauthenticated.pop(self, None)
 

@@ -3,7 +3,9 @@
 runmap/server/http.py drives httptools' request parser through its callbacks and
 relies on how it reports an upgrade, an error in a callback and bytes after a
 last request; runmap/server/app.py swaps the running loop with
-``asyncio.events._set_running_loop``.
+``asyncio.events._set_running_loop``; runmap/server/auth.py compares tokens with
+``_operator._compare_digest`` (what ``hmac.compare_digest`` is when hashlib is
+absent), so that a servlet need not import hmac, hashlib and OpenSSL's libcrypto.
 """
 
 from __future__ import annotations
@@ -132,3 +134,21 @@ def test_asyncio_still_has_the_running_loop_setters() -> None:
         assert get() is loop
 
     asyncio.run(swap())
+
+
+def test_the_token_comparison_is_cpythons_constant_time_one_and_hmac_is_not_imported() -> None:
+    import _operator
+    import hmac
+    import subprocess
+    import sys
+
+    from runmap.server.auth import compare_digest
+
+    assert compare_digest is _operator._compare_digest  # CPython 3.11: this one, not the fallback
+    for a, b in [(b"Bearer abc", b"Bearer abc"), (b"Bearer abc", b"Bearer abd"), (b"", b"x"), (b"x" * 64, b"x" * 64)]:
+        assert compare_digest(a, b) == hmac.compare_digest(a, b)
+    with pytest.raises(TypeError):
+        compare_digest("text", b"bytes")
+    probe = "import sys, runmap.server.template; print(sorted({'hmac', 'hashlib'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"  # what the comparison saves a servlet's start-up
