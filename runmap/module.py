@@ -189,9 +189,14 @@ class Function:
     def to(self, cluster: Cluster | None = None, env: Env | None = None) -> RemoteFunction:
         """Places the function in ``env``'s servlet on ``cluster`` (started if need be)."""
         where = _resolve_cluster(cluster)
-        spec = ser.dump_module((FUNCTION, self.fn, (), {}), where.remote_files)  # before starting: it may fail
-        servlet = where.servlet(env)
-        return RemoteFunction.place(servlet, _module_name(self.fn), spec)  # type: ignore[return-value]
+        place = self.placer(where)  # before starting: pickling may fail
+        return place(where.servlet(env))
+
+    def placer(self, cluster: Cluster) -> Callable[[Servlet], RemoteFunction]:
+        """What places the function on a servlet of ``cluster``: pickled once, now, for every servlet."""
+        spec = ser.dump_module((FUNCTION, self.fn, (), {}), cluster.remote_files)
+        name = _module_name(self.fn)
+        return lambda servlet: RemoteFunction.place(servlet, name, spec)  # type: ignore[return-value]
 
 
 class Module:

@@ -17,7 +17,7 @@ import atexit
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from runmap.server.state import FUNCTION
 if TYPE_CHECKING:
     from runmap.mapper.batching import Pace
     from runmap.mapper.remote import RemoteMapper
+    from runmap.servlet import Servlet
 
 _open_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
 
@@ -201,7 +202,7 @@ class Mapper:
                 self._method_arg,
                 self._cluster,
                 self._env,
-                lambda where, placed: self._start_early(where, placed, extra),
+                lambda where, placed, place: self._start_early(where, placed, place, extra),
             )
         except BaseException:
             self._stop_early()
@@ -255,12 +256,21 @@ class Mapper:
             raise errors[0]  # type: ignore[misc]
         return created
 
-    def _start_early(self, cluster: Cluster, env: Env, n: int) -> None:
-        """Starts ``n`` replicas' servlets while the target's own starts: in parallel, not after it."""
+    def _start_early(self, cluster: Cluster, env: Env, place: Callable[[Servlet], Remote], n: int) -> None:
+        """Starts ``n`` replicas, and places the target on them, while the target's own servlet starts."""
         if n <= 0:
             return
+
+        def start() -> Remote:
+            servlet = cluster.start_servlet(cluster.replica_env(env))
+            try:
+                return place(servlet)
+            except BaseException:
+                cluster.stop_servlet(servlet)
+                raise
+
         starter = ThreadPoolExecutor(max_workers=min(8, n), thread_name_prefix="runmap-start")
-        self._early = [starter.submit(cluster.start_servlet, cluster.replica_env(env)) for _ in range(n)]
+        self._early = [starter.submit(start) for _ in range(n)]
         starter.shutdown(wait=False)
 
     def _stop_early(self) -> None:
@@ -269,7 +279,7 @@ class Mapper:
             early, self._early = self._early, []
         for future in early:
             try:
-                servlet = future.result()
+                servlet = future.result().servlet
             except BaseException:
                 continue
             servlet.cluster.stop_servlet(servlet)
@@ -277,8 +287,9 @@ class Mapper:
     def _create_replica(self) -> Remote:
         with self._lock:
             early = self._early.pop(0) if self._early else None
-        provider = ReplicaProvider(self._prototype.servlet.cluster)
-        return provider.acquire(self._prototype, early.result() if early is not None else None)
+        if early is not None:
+            return early.result()  # placed already
+        return ReplicaProvider(self._prototype.servlet.cluster).acquire(self._prototype)
 
     def _on_lost(self, replica: Replica) -> bool:
         """Starts a replacement for a dead replica; says whether one is coming."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
 from runmap.exceptions import ConfigError
 from runmap.module import Function, Module, Remote, RemoteClass, RemoteFunction, RemoteInstance, RemoteMethod
+
+if TYPE_CHECKING:
+    from runmap.servlet import Servlet
 
 
 def resolve_target(
@@ -17,7 +20,7 @@ def resolve_target(
     method: str | None,
     cluster: Cluster | None,
     env: Env | None,
-    on_placing: Callable[[Cluster, Env], None] | None = None,
+    on_placing: Callable[[Cluster, Env, Callable[[Servlet], Remote]], None] | None = None,
 ) -> tuple[Remote, str | None, bool, bool]:
     """(remote module, method, whether the Mapper owns its servlet, whether it was a plain callable)."""
     if isinstance(target, RemoteMethod):
@@ -49,10 +52,10 @@ def resolve_target(
     where = cluster or default_cluster()
     base = env or Env(name=_env_name(fn))
     placed_env = where.unique_env(base)
+    place = Function(fn).placer(where)  # before any servlet starts: pickling may fail
     if on_placing is not None:
-        on_placing(where, placed_env)
-    remote = Function(fn).to(where, env=placed_env)
-    return remote, None, True, True
+        on_placing(where, placed_env, place)
+    return place(where.servlet(placed_env)), None, True, True
 
 
 def _env_name(fn: Callable[..., Any] | str) -> str:
