@@ -33,7 +33,56 @@ def become_subreaper() -> bool:
 
 
 def descendants(pid: int) -> list[int]:
-    """The live descendants of ``pid``, read from ``/proc`` (empty where there is none)."""
+    """The live descendants of ``pid``, from ``/proc`` (empty where there is none).
+
+    Linux lists each thread's children in ``/proc/<pid>/task/<tid>/children``:
+    reading those of the tree alone costs a servlet with no children a few
+    files, where reading every process's ``stat`` costs ~20 µs per process of
+    the machine (~1.3 ms with 70, as many ms as there are hundreds), at each
+    servlet's exit. Kernels without those files get the full scan.
+    """
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        children = _children(stack.pop())
+        if children is None:
+            return _descendants_by_scan(pid)
+        for child in children:
+            if _state(child) not in (None, b"Z"):
+                found.append(child)
+            stack.append(child)
+    return found
+
+
+def _children(pid: int) -> list[int] | None:
+    """``pid``'s children, [] if it is gone, None if this kernel does not say."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return [] if os.path.isdir("/proc/self/task") else None
+    children: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                children.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            if tid == str(pid) and os.path.isdir(f"/proc/{pid}"):
+                return None  # the process is there, its children file is not: no CONFIG_PROC_CHILDREN
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return children
+
+
+def _state(pid: int) -> bytes | None:
+    """The state letter of ``pid`` (``b"Z"``: a zombie), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants_by_scan(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")

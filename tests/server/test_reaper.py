@@ -59,3 +59,44 @@ def test_servlet_start_is_a_subreaper() -> None:
         capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+
+
+def test_descendants_from_the_childrens_lists_match_a_scan_of_every_process() -> None:
+    from runmap.server import reaper
+
+    before = set(reaper.descendants(os.getpid()))  # this process's own (a template, ...)
+    # A child with children of its own, and one that has exited but is not reaped (a zombie: not counted).
+    tree = subprocess.Popen(
+        ["bash", "-c", "sleep 60 & a=$!; sleep 60 & echo $a $!; wait"], stdout=subprocess.PIPE, text=True
+    )
+    zombie = subprocess.Popen(["true"])
+    grandchildren: list[int] = []
+    try:
+        assert tree.stdout is not None
+        grandchildren = [int(pid) for pid in tree.stdout.readline().split()]
+        deadline = time.monotonic() + 10
+        while reaper._state(zombie.pid) != b"Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        found = reaper.descendants(os.getpid())
+        assert sorted(found) == sorted(reaper._descendants_by_scan(os.getpid()))
+        assert set(found) - before == {tree.pid, *grandchildren}  # the zombie is not counted
+    finally:
+        for pid in grandchildren:
+            os.kill(pid, signal.SIGKILL)
+        tree.kill()
+        tree.wait()
+        tree.stdout.close()  # type: ignore[union-attr]
+        zombie.wait()
+
+
+def test_without_the_childrens_lists_every_process_is_scanned(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from runmap.server import reaper
+
+    before = set(reaper.descendants(os.getpid()))
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        monkeypatch.setattr(reaper, "_children", lambda pid: None)
+        assert set(reaper.descendants(os.getpid())) - before == {child.pid}
+    finally:
+        child.kill()
+        child.wait()
