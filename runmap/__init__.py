@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     )
     from runmap.oneshot import run_map
     from runmap.pool import Pool
+del TYPE_CHECKING  # not a name of runmap's
 
 __version__ = "0.1.0"
 
