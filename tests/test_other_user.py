@@ -130,6 +130,19 @@ def test_log_files_are_not_opened_through_symlinks(tmp_path: Path) -> None:
     assert (tmp_path / "new.log").stat().st_mode & 0o777 == 0o600
 
 
+def squat(script: str, *args: str) -> subprocess.Popen[str]:
+    """``script`` run as the attacker (with the system's Python), once it says it is listening."""
+    squatter = subprocess.Popen(
+        ["runuser", "-u", ATTACKER, "--", "/usr/bin/python3", "-c", script, *args], stdout=subprocess.PIPE, text=True
+    )
+    assert squatter.stdout is not None
+    if squatter.stdout.readline() != "listening\n":
+        squatter.kill()
+        squatter.wait()
+        pytest.fail("the attacker's listener did not start")
+    return squatter
+
+
 SQUATTER = textwrap.dedent(
     """
     import socket, sys
@@ -163,13 +176,8 @@ def test_a_local_socket_name_another_user_holds_never_gets_the_token() -> None:
 
     ensure_user(ATTACKER)
     name = "runmap-squatted-" + os.urandom(6).hex()
-    squatter = subprocess.Popen(
-        ["runuser", "-u", ATTACKER, "--", "/usr/bin/python3", "-c", SQUATTER, name],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    squatter = squat(SQUATTER, name)
     try:
-        assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
         with rm.LocalCluster(name="squat") as cluster:
             servlet = rm.function(len).to(cluster).servlet
             channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local=name))
@@ -236,14 +244,8 @@ def test_a_dead_servlets_port_taken_by_another_user_learns_nothing_that_opens_an
         victim = psutil.Process(doomed.pid)
         victim.kill()
         victim.wait(timeout=10)
-        squatter = subprocess.Popen(
-            ["runuser", "-u", ATTACKER, "--", "/usr/bin/python3", "-c", PORT_SQUATTER,
-             str(endpoint.address[1]), str(alive.endpoint.address[1])],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        squatter = squat(PORT_SQUATTER, str(endpoint.address[1]), str(alive.endpoint.address[1]))
         try:
-            assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
             with pytest.raises(rm.RunmapError):
                 endpoint.open_channel().info()  # reaches the squatter, which hangs up
             out, _ = squatter.communicate(timeout=30)
