@@ -2,7 +2,7 @@
 
 On one SSH host of the tests (tests/sshd_hosts.py, host-a: needs root) a servlet is reached through
 a Unix socket that the client's ssh master forwards to the servlet's socket file on the host; on a
-``LocalCluster`` it is reached on this machine, with no tunnel (its abstract Unix socket).
+``LocalCluster`` it is reached on this machine, with no tunnel (its socket file).
 In interleaved rounds (which cluster goes first alternates), on each: the latency of sequential
 calls of a trivial method on one replica (p50, p99), trivial items per second through a Mapper of
 two replicas, and calls per second one input at a time (``chunksize=1``, concurrency 4). Each SSH
@@ -193,7 +193,7 @@ def main() -> None:
         f"`benchmarks/ssh_tunnel.py` measures the same calls on one SSH host of the tests (host-a of "
         f"`tests/sshd_hosts.py`: the client reaches each servlet through a Unix socket its ssh master "
         f"forwards to the servlet's socket file on the host) and on a `LocalCluster` (on this machine, no "
-        f"tunnel: its abstract Unix socket): {CALLS:,} "
+        f"tunnel: its socket file): {CALLS:,} "
         f"sequential calls of a method returning its argument on one replica after {WARMUP} of warm-up, "
         f"a `map` of {ITEMS:,} trivial items on {REPLICAS} replicas, and {CALLS_1:,} calls of one input "
         f"(`imap`, chunksize 1, concurrency {CONCURRENCY}); everything runs on this one machine, so the "

@@ -143,57 +143,37 @@ def squat(script: str, *args: str) -> subprocess.Popen[str]:
     return squatter
 
 
-SQUATTER = textwrap.dedent(
+REACHER = textwrap.dedent(
     """
-    import socket, sys
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind("\\0" + sys.argv[1])
-    s.listen()
-    print("listening", flush=True)
-    s.settimeout(20)
-    conn, _ = s.accept()
-    conn.settimeout(5)
-    got = b""
-    try:
-        while chunk := conn.recv(65536):
-            got += chunk
-    except OSError:
-        pass
-    print(repr(got), flush=True)
+    import os, socket, sys
+    path = sys.argv[1]
+    for what, attempt in [("connect", lambda: socket.socket(socket.AF_UNIX).connect(path)),
+                          ("plant", lambda: socket.socket(socket.AF_UNIX).bind(path + ".planted"))]:
+        try:
+            attempt()
+            print(what, "ok")
+        except OSError as exc:
+            print(what, type(exc).__name__)
     """
 )
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux's")
-def test_a_local_socket_name_another_user_holds_never_gets_the_token() -> None:
-    # Any user may bind a name in the abstract namespace, e.g. one read from /proc/net/unix after its
-    # servlet ended: the client must not send its token there, nor to the servlet's port (the name
-    # taken means the servlet is gone, and its port may be someone else's too).
-    import dataclasses
-
+def test_another_user_can_neither_reach_nor_plant_a_local_servlets_socket_file() -> None:
+    # The client's way to a local servlet is a socket file in the user's private runtime directory:
+    # another user can't connect to it, nor put a listener of their own where the client would look.
     import runmap as rm
-    from runmap.transport.http import HTTPChannel
 
     ensure_user(ATTACKER)
-    name = "runmap-squatted-" + os.urandom(6).hex()
-    squatter = squat(SQUATTER, name)
-    try:
-        with rm.LocalCluster(name="squat") as cluster:
-            servlet = rm.function(len).to(cluster).servlet
-            channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local=name))
-            try:
-                with pytest.raises(rm.ReplicaDiedError, match="is gone"):
-                    channel.info()
-            finally:
-                channel.close()
-            assert rm.function(len).to(cluster)("four") == 4  # the servlet, on its own name
-        got, _ = squatter.communicate(timeout=30)
-    finally:
-        squatter.kill()
-        squatter.wait()
-    assert got.strip() == "b''", got  # the client connected, saw whose socket it was, and left
-    assert servlet.endpoint.token not in got
-
+    with rm.LocalCluster(name="socket-file") as cluster:
+        servlet = rm.function(len).to(cluster).servlet
+        path = servlet.endpoint.local
+        assert path is not None
+        out = subprocess.run(
+            ["runuser", "-u", ATTACKER, "--", "/usr/bin/python3", "-c", REACHER, path],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.split("\n")
+        assert out[:2] == ["connect PermissionError", "plant PermissionError"], out
+        assert rm.function(len).to(cluster)("four") == 4
 
 PORT_SQUATTER = textwrap.dedent(
     """

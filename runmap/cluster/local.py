@@ -97,7 +97,7 @@ class LocalCluster(Cluster):
             "token": token,
             "host": self.host,
             "port": 0,
-            "local_socket": sys.platform == "linux",  # also listen in the abstract namespace (runner.bind_local)
+            "unix_socket": True,  # also a socket file, which this client uses (runner.bind_unix)
             "max_body": self.max_body,
             "sys_path": code + client_sys_path(with_site_packages=not env.needs_build),
             "working_dir": working_dir,
@@ -113,7 +113,7 @@ class LocalCluster(Cluster):
             cwd=working_dir or os.getcwd(),
             template=template_for(python, environ),
         )
-        endpoint = Endpoint(env.name, (self.host, int(ready["port"])), token, local=ready.get("local"))
+        endpoint = Endpoint(env.name, (self.host, int(ready["port"])), token, local=ready.get("unix"))
         return Servlet(env, self, endpoint, SubprocessServlet(proc, log, log_start))
 
 

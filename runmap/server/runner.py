@@ -3,14 +3,14 @@
 The launcher writes one JSON line of configuration to the servlet's stdin, the
 token among it (never on a command line, where ``ps`` would show it), and keeps
 stdin open. The servlet binds its sockets, answers with one JSON line on stdout
-(``{"port": ..., "local": ..., "unix": ..., "pid": ...}``), then sends its stdout
-to its stderr (the log).
+(``{"port": ..., "unix": ..., "pid": ...}``), then sends its stdout to its
+stderr (the log).
 
 Where it listens, by its configuration: ``host`` and ``port`` (TCP; ``port``
-None for none), ``local_socket`` (also a name in Linux's abstract namespace),
-``unix_socket`` (a socket file in the user's private runtime directory, which
-no other user can take after this servlet ends, as they can its loopback port:
-what an SSH host's servlets use).
+None for none), and ``unix_socket``: a socket file in the user's private
+runtime directory, which no other user can take after this servlet ends, as
+they can its loopback port (an SSH host's servlets listen on it alone; a local
+servlet on it and loopback, and its client on this machine uses the file).
 
 A servlet must not outlive its client. Two signals tell it the client is gone:
 end-of-file on stdin (the client's end of the pipe closed, however the client
@@ -46,35 +46,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_local() -> tuple[socket.socket, str]:
-    """A listening Unix socket in Linux's abstract namespace, and its name (without the leading NUL).
-
-    It has no file to leave behind and is reached from this machine only (this
-    network namespace), like loopback; every request on it needs the token, as
-    over TCP. A client on this machine uses it instead of loopback TCP: each
-    send and receive skips the TCP/IP stack (measured: ~10-25% more small calls
-    a second, and less CPU on both sides).
-    """
-    name = "runmap-" + os.urandom(12).hex()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind("\0" + name)
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock, name
-
-
-def bind_unix() -> tuple[socket.socket, str]:
+def bind_unix(required: bool = True) -> tuple[socket.socket, str] | tuple[None, None]:
     """A listening Unix socket file in the user's private runtime directory, and its path.
 
     Only this user can create a file there, so whoever later connects to the path
     reaches this servlet or nothing: unlike a loopback port, which any local user
     may bind once its servlet has gone, and so receive what a client sends to it.
     The file is named after the servlet's pid and removed when it leaves; one that
-    a servlet killed outright left behind is removed by the next to start.
+    a servlet killed outright left behind is removed by the next to start. A path
+    too long for a socket (a deep ``$RUNMAP_HOME``) is an error if the servlet
+    has no other socket (``required``), else it listens on its TCP port alone.
     """
     from runmap.paths import SUN_PATH_MAX, runtime_subdir
 
@@ -82,7 +63,11 @@ def bind_unix() -> tuple[socket.socket, str]:
     _remove_stale_sockets(directory)
     path = str(directory / f"{os.getpid()}.sock")
     if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise OSError(f"socket path {path} is over {SUN_PATH_MAX} bytes: set RUNMAP_HOME to a shorter directory")
+        too_long = f"socket path {path} is over {SUN_PATH_MAX} bytes: set RUNMAP_HOME to a shorter directory"
+        if required:
+            raise OSError(too_long)
+        print(f"runmap: {too_long}; listening on TCP only", file=sys.stderr, flush=True)
+        return None, None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -185,9 +170,8 @@ def main() -> None:
 
     port = config.get("port", 0)
     sock = bind(config.get("host", "127.0.0.1"), int(port)) if port is not None else None
-    local_sock, local = bind_local() if config.get("local_socket") else (None, None)
-    unix_sock, unix = bind_unix() if config.get("unix_socket") else (None, None)
-    socks = [s for s in (sock, local_sock, unix_sock) if s is not None]
+    unix_sock, unix = bind_unix(required=sock is None) if config.get("unix_socket") else (None, None)
+    socks = [s for s in (sock, unix_sock) if s is not None]
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
     server = HttpServer(app, config["token"])
 
@@ -195,7 +179,7 @@ def main() -> None:
     # an answer any more, not even to calls in flight, so leave at once.
     watch_parent(leave)
     port = sock.getsockname()[1] if sock is not None else None
-    sys.stdout.write(json.dumps({"port": port, "local": local, "unix": unix, "pid": os.getpid()}) + "\n")
+    sys.stdout.write(json.dumps({"port": port, "unix": unix, "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
     # From here on, whatever user code prints goes to the servlet's log (capped: logfile.py).
     logfile.capture(log)

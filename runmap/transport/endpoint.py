@@ -36,9 +36,10 @@ class Endpoint:
         token: the servlet's own bearer token (hidden from ``repr``).
         keepalive: turn TCP keepalive on, for peers that can vanish without
             closing their sockets (another machine).
-        local: the name of the servlet's socket in Linux's abstract namespace
-            (a servlet of this machine's local cluster), which a client tries
-            before ``address``: it skips the TCP/IP stack. None: ``address`` only.
+        local: the path of the servlet's socket file in its user's private
+            runtime directory (a servlet of this machine's local cluster), which
+            a client tries before ``address``: it skips the TCP/IP stack. None:
+            ``address`` only.
     """
 
     name: str

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -34,9 +32,6 @@ from runmap.exceptions import (
 )
 from runmap.transport import framing as frames
 from runmap.transport.endpoint import Address, Endpoint
-
-log = logging.getLogger(__name__)
-_PEERCRED = struct.Struct("3i")  # struct ucred
 
 CONNECT_TIMEOUT = 10.0
 SMALL_BODY = 64 << 10  # up to this, head and body go out in one send (one segment, one wake-up)
@@ -160,10 +155,10 @@ class HTTPChannel:
         with self._translate(None):
             sock = _connect_local(endpoint.local) if endpoint.local else None
             if sock is None and endpoint.local and _on_loopback(endpoint.address):
-                # An abstract name and loopback belong to one network namespace: no socket of this
-                # user's under the servlet's name means no servlet, and whoever holds its port now
-                # (any user may bind it once the servlet is gone) must not get this request.
-                gone = f"{self.replica} is gone: nothing of this user's listens on its local socket {endpoint.local}"
+                # The servlet's socket file and loopback are this machine's: no servlet listening on
+                # the file means no servlet, and whoever holds its port now (any user may bind it once
+                # the servlet is gone) must not get this request.
+                gone = f"{self.replica} is gone: nothing listens on its socket {endpoint.local}"
                 raise ReplicaDiedError(gone, self.replica)
             if sock is None:
                 sock = _connect_address(endpoint)
@@ -393,32 +388,20 @@ def _on_loopback(address: Address) -> bool:
     return isinstance(address, tuple) and (address[0].startswith("127.") or address[0] in ("::1", "localhost"))
 
 
-def _connect_local(name: str) -> socket.socket | None:
-    """A connection to the abstract Unix socket ``name`` (runner.bind_local); None if none of this user's is there.
+def _connect_local(path: str) -> socket.socket | None:
+    """A connection to the servlet's socket file (runner.bind_unix); None if nothing listens there.
 
-    Any user may bind a name in the abstract namespace (one seen in
-    ``/proc/net/unix`` once its servlet is gone, or on another machine), so the
-    socket is used only if the process listening on it runs as this user: the
-    token is never sent to anyone else's.
+    The file is in the user's private runtime directory, so no other user can
+    have put one there: what answers is the servlet, or nothing.
     """
     try:
-        sock = _unix_connection("\0" + name)
-    except OSError:  # the servlet is gone, or this is another machine or network namespace than its
+        return _unix_connection(path)
+    except OSError:  # the servlet is gone, or this is another machine than its
         return None
-    try:
-        owner = _peer_uid(sock)
-    except BaseException:
-        sock.close()
-        raise
-    if owner != os.getuid():
-        sock.close()
-        log.warning("runmap: the local socket %s belongs to uid %d, not this user: not used", name, owner)
-        return None
-    return sock
 
 
 def _unix_connection(path: str) -> socket.socket:
-    """A connection to the Unix socket ``path`` (a leading NUL: Linux's abstract namespace).
+    """A connection to the Unix socket ``path``.
 
     A listener whose backlog is full makes a non-blocking connect fail at once
     (EAGAIN), where TCP would wait; so the connect blocks, for at most
@@ -433,9 +416,3 @@ def _unix_connection(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    """The uid of the process at the other end of a Unix socket (Linux's SO_PEERCRED: pid, uid, gid)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return int(_PEERCRED.unpack(creds)[1])

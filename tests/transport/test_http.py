@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import socket
-import sys
+import stat
 
 import pytest
 
@@ -133,7 +134,6 @@ def _peer_family(channel: HTTPChannel) -> socket.AddressFamily:
         sock.close()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux's")
 def test_a_local_servlet_is_reached_on_its_unix_socket_and_it_asks_for_the_token(cluster: rm.LocalCluster) -> None:
     remote = rm.function(echo).to(cluster)
     endpoint = remote.servlet.endpoint
@@ -144,9 +144,11 @@ def test_a_local_servlet_is_reached_on_its_unix_socket_and_it_asks_for_the_token
         assert channel.info()["name"] == remote.servlet.name
     finally:
         channel.close()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # as any process of this machine may
+    directory = os.stat(os.path.dirname(endpoint.local))  # the user's private runtime directory
+    assert directory.st_uid == os.getuid() and stat.S_IMODE(directory.st_mode) == 0o700
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # as any process of this user may
         sock.settimeout(10)
-        sock.connect("\0" + endpoint.local)
+        sock.connect(endpoint.local)
         sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
 
@@ -154,12 +156,12 @@ def test_a_local_servlet_is_reached_on_its_unix_socket_and_it_asks_for_the_token
 def test_a_loopback_servlet_whose_unix_socket_is_gone_is_gone_and_its_port_is_not_tried(
     cluster: rm.LocalCluster,
 ) -> None:
-    # The abstract namespace and loopback are one network namespace's: no socket under the servlet's
-    # name means no servlet, and whoever may hold its port now must not get the request.
+    # The socket file and loopback are this machine's: nothing listening on the file means no servlet,
+    # and whoever may hold its port now must not get the request.
     servlet = rm.function(echo).to(cluster).servlet
-    channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="runmap-nowhere"))
+    channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="/nowhere/runmap.sock"))
     try:
-        with pytest.raises(ReplicaDiedError, match="nothing of this user's listens on its local socket runmap-nowhere"):
+        with pytest.raises(ReplicaDiedError, match="nothing listens on its socket /nowhere/runmap.sock"):
             channel.info()
     finally:
         channel.close()
@@ -178,9 +180,22 @@ def test_a_servlet_told_to_listen_beyond_loopback_is_reached_on_its_address_wher
     # Another machine than the servlet's (here: a name that is nowhere) reaches it by its address.
     with rm.LocalCluster(name="wide", host=_an_address_not_on_loopback()) as wide:
         servlet = rm.function(echo).to(wide).servlet
-        channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="runmap-nowhere"))
+        channel = HTTPChannel(dataclasses.replace(servlet.endpoint, local="/nowhere/runmap.sock"))
         try:
             assert _peer_family(channel) == socket.AF_INET
             assert channel.info()["name"] == servlet.name
         finally:
             channel.close()
+
+
+def test_a_runtime_directory_too_deep_for_a_socket_leaves_a_local_servlet_on_its_port(
+    tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("RUNMAP_HOME", str(deep))
+    with rm.LocalCluster(name="deep") as deep_cluster:
+        remote = rm.function(echo).to(deep_cluster)
+        assert remote.servlet.endpoint.local is None
+        assert remote("x") == "x"
+        log = (deep / "logs" / "deep" / f"{remote.servlet.name}.log").read_text()
+        assert "is over 107 bytes: set RUNMAP_HOME to a shorter directory; listening on TCP only" in log
