@@ -59,6 +59,7 @@ def _cloudpickle() -> Any:
 
     return cloudpickle
 
+
 def dumps(obj: Any) -> bytes:
     """Pickles ``obj``, with cloudpickle where plain pickle can't or shouldn't.
 

@@ -260,17 +260,9 @@ class Mapper:
         """Starts ``n`` replicas, and places the target on them, while the target's own servlet starts."""
         if n <= 0:
             return
-
-        def start() -> Remote:
-            servlet = cluster.start_servlet(cluster.replica_env(env))
-            try:
-                return place(servlet)
-            except BaseException:
-                cluster.stop_servlet(servlet)
-                raise
-
+        provider = ReplicaProvider(cluster)
         starter = ThreadPoolExecutor(max_workers=min(8, n), thread_name_prefix="runmap-start")
-        self._early = [starter.submit(start) for _ in range(n)]
+        self._early = [starter.submit(provider.start, env, place) for _ in range(n)]
         starter.shutdown(wait=False)
 
     def _stop_early(self) -> None:

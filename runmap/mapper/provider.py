@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 from runmap.module import Remote
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from runmap.cluster.base import Cluster
+    from runmap.envs.env import Env
     from runmap.servlet import Servlet
 
 
@@ -29,12 +32,15 @@ class ReplicaProvider:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    def acquire(self, like: Remote, servlet: Servlet | None = None) -> Remote:
-        """``like``'s module placed on a new replica of its env (or on ``servlet``, started already)."""
-        if servlet is None:
-            servlet = self.cluster.start_servlet(self.cluster.replica_env(like.servlet.env))
+    def acquire(self, like: Remote) -> Remote:
+        """``like``'s module placed on a new replica of its env."""
+        return self.start(like.servlet.env, like.replicate)
+
+    def start(self, env: Env, place: Callable[[Servlet], Remote]) -> Remote:
+        """A new servlet of ``env``'s next replica, with a module ``place``d on it (stopped if that fails)."""
+        servlet = self.cluster.start_servlet(self.cluster.replica_env(env))
         try:
-            return like.replicate(servlet)
+            return place(servlet)
         except BaseException:
             self.cluster.stop_servlet(servlet)
             raise

@@ -17,7 +17,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 try:  # hmac's own, without importing hmac, which imports hashlib and with it OpenSSL's libcrypto
     from _operator import _compare_digest as compare_digest
-except ImportError:  # not CPython (tests/server/test_auth.py pins it on the versions tested)
+except ImportError:  # not CPython (tests/server/test_private_apis.py pins it on the versions tested)
     from hmac import compare_digest  # type: ignore[no-redef]
 
 OPEN_PATHS = frozenset({"/health"})

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 PR_SET_CHILD_SUBREAPER = 36
 TERM_GRACE = 0.5
@@ -41,13 +42,17 @@ def descendants(pid: int) -> list[int]:
     the machine (~1.3 ms with 70, as many ms as there are hundreds), at each
     servlet's exit. Kernels without those files get the full scan.
     """
+    if _children(pid) is None:
+        return _descendants_by_scan(pid)
+    return _walk(pid, _children)
+
+
+def _walk(pid: int, children_of: Callable[[int], list[int] | None]) -> list[int]:
+    """The descendants of ``pid`` that are alive (not zombies), found through ``children_of``."""
     found: list[int] = []
     stack = [pid]
     while stack:
-        children = _children(stack.pop())
-        if children is None:
-            return _descendants_by_scan(pid)
-        for child in children:
+        for child in children_of(stack.pop()) or ():
             if _state(child) not in (None, b"Z"):
                 found.append(child)
             stack.append(child)
@@ -83,6 +88,7 @@ def _state(pid: int) -> bytes | None:
 
 
 def _descendants_by_scan(pid: int) -> list[int]:
+    """:func:`descendants` from every process's ``stat`` (its parent), where Linux lists no children."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
@@ -93,18 +99,11 @@ def _descendants_by_scan(pid: int) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if fields[0] == b"Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+        children.setdefault(parent, []).append(int(entry))
+    return _walk(pid, children.get)
 
 
 def end_descendants(grace: float = TERM_GRACE) -> None:

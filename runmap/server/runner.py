@@ -28,9 +28,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runmap.server import logfile
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PARENT_POLL_SECONDS = 0.5
 _socket_file: str | None = None  # bind_unix's, removed when the servlet leaves
@@ -81,7 +84,7 @@ def bind_unix(required: bool = True) -> tuple[socket.socket, str] | tuple[None, 
     return sock, path
 
 
-def _remove_stale_sockets(directory: Any) -> None:
+def _remove_stale_sockets(directory: Path) -> None:
     """Removes the socket files in ``directory`` whose servlet (named by its pid) is gone, and ours."""
     for entry in os.scandir(directory):
         pid = entry.name.removesuffix(".sock")
