@@ -25,6 +25,14 @@ withdrawal frame; the servlet hands back those it had not started) and runs
 them itself, as a work-stealing pool would. One such rebalance is under way
 at a time.
 
+A call lost with its replica runs alone from then on (``Task.alone``): it goes
+only to a lane with nothing in flight, and that lane takes no other call until
+it answers, so whichever call killed the replica, the next death under each is
+its own. And a replica's exit can be heard of before the answers it wrote are
+read (through an SSH tunnel they come later still): a retired replica's lane
+reads on until its connection ends (``ENDING_GRACE`` at most), so that a call
+that answered is never charged with the death.
+
 One thread serves every replica, however many slots (replicas × concurrency)
 there are: a Mapper of 64 replicas × 16 calls has one dispatch thread, not
 1,024 threads each waiting on a socket. The thread sends the next task as soon
@@ -78,6 +86,12 @@ PIPELINE_DEPTH = 32  # calls a lane keeps sent, running and queued, for a map of
 # 2 replicas of trivial calls level off at ~32 a lane; at 4, none queued, they ran at half the rate)
 PIPELINE_SECONDS = 0.01  # ... so long as the queued ones take about this long in all, by the map's average
 LEARN = 0.2  # weight of the latest call in that average
+ENDING_GRACE = 2.0  # how long a retired replica's connection has to bring its last answers and end
+
+
+def _in_company(task: Task) -> bool:
+    """Whether ``task`` may be sent to a lane that has calls in flight."""
+    return not task.alone
 
 
 def queue_depth(seconds: float | None, concurrency: int) -> int:
@@ -116,6 +130,8 @@ class Lane:
         self.writing = False  # registered for EVENT_WRITE: the socket's buffer was full
         self.closed = False
         self.draining = False  # a call timed out: the replica is on its way out, so it takes no more
+        self.alone = False  # it runs a call that must have no other beside it (Task.alone)
+        self.ending: float | None = None  # retired: when to stop waiting for its last answers and its end
         self._ids = itertools.count(1)
         self._token = replica.remote.servlet.endpoint.token.encode()
         self._head = CallHead(
@@ -133,6 +149,8 @@ class Lane:
         head = self._head(len(payload), IN_THREAD if task.in_thread else 0, call_id)
         now = time.perf_counter()
         call = self.inflight[call_id] = _Call(task, now, None)
+        if task.alone:
+            self.alone = True
         if self.running < self.dispatcher.concurrency:
             self._start(call_id, call, now)
         else:
@@ -148,6 +166,8 @@ class Lane:
         call = self.inflight.pop(call_id, None)
         if call is None:
             return None
+        if not self.inflight:
+            self.alone = False
         if call.withdrawing:  # it had started: the servlet's "kept" comes, or came, for nothing
             call.withdrawing = False
             self.withdrawing -= 1
@@ -201,6 +221,7 @@ class Lane:
         """Forgets every call in flight: those that may have run, and those that never started."""
         calls, self.inflight = list(self.inflight.values()), {}
         self.waiting.clear()
+        self.alone = False
         self.running = 0
         self.withdrawing = 0
         return [c.task for c in calls if c.running], [c.task for c in calls if not c.running]
@@ -242,6 +263,7 @@ class Dispatcher:
         self._sleeping = False
         self._stopping = False
         self._failover: list[threading.Thread] = []
+        self._ending: list[Lane] = []  # retired lanes waiting for their connection's end (see _end)
         self._thread = threading.Thread(target=self._run, name="runmap-dispatch", daemon=True)
         self._thread.start()
 
@@ -298,6 +320,10 @@ class Dispatcher:
                     self._take_changes()
                 room = self._feed()
                 timeout = self._expire() if self._deadlines else None
+                if self._ending:
+                    ending = self._drop_ended()
+                    if ending is not None and (timeout is None or ending < timeout):
+                        timeout = ending
                 # Asleep with no room, it need not hear of new tasks: an answer wakes it, and makes room.
                 self._sleeping = room
                 if room and self.pool.tasks:
@@ -346,7 +372,37 @@ class Dispatcher:
             self._selector.register(lane.sock, selectors.EVENT_READ, lane)
             self._lanes.append(lane)
         for lane in aborted:
-            self._fail(lane, ConnectionAbortedError("the replica was retired"))
+            self._end(lane)
+
+    def _end(self, lane: Lane) -> None:
+        """A retired replica's lane: it takes the answers on their way, and fails at its connection's end.
+
+        Its servlet may have written answers before it died that are not read
+        yet (the replica's exit can be heard of first, and through an SSH tunnel
+        they come later still): they are results, and a call that answered must
+        not be charged with the death. A connection that does not end within
+        ``ENDING_GRACE`` (a host that no longer answers) is dropped.
+        """
+        if lane.closed or lane.ending is not None:
+            return
+        self._read(lane)
+        if not lane.closed:
+            lane.ending = time.perf_counter() + ENDING_GRACE
+            self._ending.append(lane)
+
+    def _drop_ended(self) -> float | None:
+        """Fails the retired lanes whose grace is over; returns the wait to the next one's end."""
+        now = time.perf_counter()
+        wait = None
+        for lane in list(self._ending):
+            if lane.closed:
+                self._ending.remove(lane)
+            elif lane.ending is not None and lane.ending <= now:
+                self._ending.remove(lane)
+                self._fail(lane, ConnectionAbortedError("the replica was retired, and its connection did not end"))
+            elif lane.ending is not None:
+                wait = lane.ending - now if wait is None else min(wait, lane.ending - now)
+        return wait
 
     def _feed(self) -> bool:
         """Sends queued tasks to the lanes with room; returns whether any lane has room left.
@@ -360,19 +416,22 @@ class Dispatcher:
         room = False
         for lane in lanes:
             inflight = lane.inflight
-            while len(inflight) < concurrency:
-                task = tasks.get_nowait()
+            while len(inflight) < concurrency and not lane.alone:
+                task = tasks.get_nowait(_in_company if inflight else None)
                 if task is None:
-                    room = True
+                    room = room or not tasks  # else a task to run alone waits for a lane to run dry
                     break
                 if not task.sink.cancelled:
                     lane.send(task)
+        lanes = [lane for lane in lanes if not lane.alone]
         while not room and lanes:  # a call a lane in turn: a map whose calls turn long finds them spread
             for lane in list(lanes):
                 queued = len(lane.inflight) - concurrency
                 task = None
                 if queued < PIPELINE_DEPTH - concurrency:
-                    task = tasks.get_nowait(lambda t: queue_depth(t.sink.seconds, concurrency) > queued)  # noqa: B023
+                    task = tasks.get_nowait(
+                        lambda t: not t.alone and queue_depth(t.sink.seconds, concurrency) > queued  # noqa: B023
+                    )
                 if task is None:
                     lanes.remove(lane)
                 elif not task.sink.cancelled:
@@ -394,7 +453,7 @@ class Dispatcher:
         if len(lanes) < 2 or any(lane.withdrawing for lane in lanes):
             return  # one rebalance at a time: the servlets answer withdrawals at once
         for dry in lanes:
-            if len(dry.inflight) >= concurrency:
+            if len(dry.inflight) >= concurrency or dry.alone:
                 continue
             donor = max(lanes, key=lambda lane: len(lane.waiting) - lane.withdrawing)
             spare = len(donor.waiting) - donor.withdrawing
@@ -407,7 +466,7 @@ class Dispatcher:
         task = lane.taken_back(call_id, status)
         if task is None or task.sink.cancelled:
             return
-        lanes = self._open_lanes()
+        lanes = [other for other in self._open_lanes() if not other.alone]
         if lanes:
             min(lanes, key=lambda other: len(other.inflight)).send(task)
         else:

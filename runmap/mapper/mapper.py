@@ -304,9 +304,9 @@ class Mapper:
                 self._pool.replacement_done()
 
         thread = threading.Thread(target=replace, name=f"runmap-replace-{replica.name}", daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: a close() that sees it may join it
             self._helpers.append(thread)
-        thread.start()
+            thread.start()
         return True
 
     # ------------------------------------------------------------------ maps

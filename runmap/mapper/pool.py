@@ -10,7 +10,8 @@ slow input never holds back inputs another replica could take, and a replica
 never has more than ``concurrency`` calls in flight. A replica whose servlet
 cannot carry several calls on one connection (an in-process test servlet, a
 servlet of an older runmap) gets slot threads instead: ``concurrency`` threads,
-one blocking channel each, pulling from the same queue.
+one blocking channel each, pulling from the same queue (they do not run a
+task that was lost with a replica alone, as the dispatch thread does).
 
 A replica that dies is retired at once: it gets no more tasks, the tasks it
 lost go back to the front of the queue (at-least-once), and the pool asks
@@ -255,6 +256,7 @@ class ReplicaPool:
             if self._closing:
                 task.sink.failed(task, exc)
             else:
+                task.alone = True  # had it started after all, the next death under it is its own
                 self.submit(task, front=True)
         for task in tasks:
             self._lost(replica, task, exc)
@@ -308,6 +310,10 @@ class ReplicaPool:
             task.in_thread = True
         task.attempts += 1
         task.lost_on.append(replica.name)
+        # Whichever of the calls in flight killed the replica, from now on each of them runs
+        # alone: the next death under one is its own, so an input that kills every replica
+        # it touches cannot use up the retries of the inputs that ran beside it.
+        task.alone = True
         if task.count > 1 and task.attempts <= self.retries:
             self._retry_one_by_one(task)
         elif task.attempts > self.retries:

@@ -117,6 +117,7 @@ class Task:
     attempts: int = 0
     lost_on: list[str] = field(default_factory=list)
     in_thread: bool = False  # run in a servlet thread, never on its event loop (see pool._lost)
+    alone: bool = False  # lost with a replica: runs with no other call beside it (see dispatch.py)
 
     def __post_init__(self) -> None:
         if not self.payload:
@@ -134,7 +135,7 @@ class Task:
         """One task per input, with this task's history."""
         return [
             Task(self.start + i, self.mode, [item], self.kwargs, self.sink, self.timeout,
-                 attempts=self.attempts, lost_on=list(self.lost_on), in_thread=self.in_thread)
+                 attempts=self.attempts, lost_on=list(self.lost_on), in_thread=self.in_thread, alone=self.alone)
             for i, item in enumerate(self.items)
         ]
 

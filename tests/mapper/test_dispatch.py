@@ -200,3 +200,58 @@ def test_long_calls_after_short_ones_are_spread_over_the_replicas(cluster: rm.Lo
     long = pids[500:]
     assert len(set(pids)) == 2
     assert all(long.count(pid) >= 3 for pid in set(pids)), long  # 4 each, give or take one
+
+
+# ------------------------------------------------ who is charged with a death
+
+
+def dies_or_waits(x: str, seconds: float) -> str:
+    """"die" ends its replica after 0.1 s; any other input answers after ``seconds``."""
+    if x == "die":
+        time.sleep(0.1)
+        os._exit(5)
+    time.sleep(seconds)
+    return x
+
+
+def test_answers_written_before_a_replica_died_count_however_late_they_are_read(
+    cluster: rm.LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The replica's exit is heard of before the dispatch thread reads the answer "ok" wrote
+    # beside "die": "ok" ran and answered, so with retries=0 it must not fail with the death.
+    from runmap.mapper.dispatch import Dispatcher
+
+    with rm.mapper(rm.function(dies_or_waits).to(cluster), num_replicas=1, concurrency=2, retries=0) as mapper:
+        (replica,) = mapper._pool.replicas
+        read = Dispatcher._read
+        held = threading.Event()
+
+        def read_once_retired(self: Dispatcher, lane: object) -> None:
+            if not replica.retired:
+                held.set()
+                time.sleep(0.001)  # the socket stays readable: the thread comes back at once
+                return
+            read(self, lane)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Dispatcher, "_read", read_once_retired)
+        results = mapper.map(
+            ["ok", "die"], kwargs={"seconds": 0.0}, chunksize=1, return_exceptions=True, progress=False
+        )
+    assert held.is_set()  # an answer did wait while the replica was retired
+    assert results[0] == "ok", results[0]
+    assert isinstance(results[1], rm.ReplicaDiedError), results[1]
+    assert "exit code 5" in str(results[1])
+
+
+def test_inputs_that_ran_beside_a_killer_survive_it(cluster: rm.LocalCluster) -> None:
+    # "die" kills the replica that runs it while 3 others run beside it; they go back to the queue
+    # with it. Each of them runs alone from then on, so "die" cannot kill a replica under them again.
+    inputs = ["die"] + [f"ok{i}" for i in range(7)]
+    with rm.mapper(rm.function(dies_or_waits).to(cluster), num_replicas=2, concurrency=4, retries=1) as mapper:
+        results = mapper.map(inputs, kwargs={"seconds": 0.5}, chunksize=1, return_exceptions=True, progress=False)
+        assert isinstance(results[0], rm.ReplicaDiedError), results[0]
+        assert results[0].inputs == [0]
+        assert results[1:] == inputs[1:]
+        assert len([r for r in mapper._pool.replicas if r.retired]) <= 3  # "die" killed no more than it had tries
+        again = [f"x{i}" for i in range(8)]  # and the Mapper goes on
+        assert mapper.map(again, kwargs={"seconds": 0.0}, progress=False) == again
