@@ -20,12 +20,13 @@ from runmap.cluster.process import SubprocessServlet, start_subprocess_servlet
 from runmap.cluster.template import template_for
 from runmap.envs.env import Env
 from runmap.exceptions import ConfigError
-from runmap.paths import log_dir
+from runmap.paths import SUN_PATH_MAX, log_dir, runtime_subdir
 from runmap.server.command import servlet_command
 from runmap.servlet import Servlet
 from runmap.transport.endpoint import Endpoint
 
 LOOPBACK = "127.0.0.1"
+PID_MAX = 4194304  # the largest pid Linux hands out (PID_MAX_LIMIT): names the longest socket file
 
 
 class LocalCluster(Cluster):
@@ -66,6 +67,7 @@ class LocalCluster(Cluster):
         self.host = host
         self.max_body = max_body
         self.log_max_bytes = log_max_bytes
+        self._socket_dir = socket_dir()
 
     def from_inside(self) -> Callable[[], Cluster]:
         """A local cluster of the servlet's own: on this machine, its servlets are this one's children."""
@@ -97,7 +99,7 @@ class LocalCluster(Cluster):
             "token": token,
             "host": self.host,
             "port": 0,
-            "unix_socket": True,  # also a socket file, which this client uses (runner.bind_unix)
+            "unix_socket": self._socket_dir or False,  # also a socket file, which this client uses
             "max_body": self.max_body,
             "sys_path": code + client_sys_path(with_site_packages=not env.needs_build),
             "working_dir": working_dir,
@@ -115,6 +117,26 @@ class LocalCluster(Cluster):
         )
         endpoint = Endpoint(env.name, (self.host, int(ready["port"])), token, local=ready.get("unix"))
         return Servlet(env, self, endpoint, SubprocessServlet(proc, log, log_start))
+
+
+def socket_dir() -> str | None:
+    """This user's private directory for local servlets' socket files (runner.bind_unix).
+
+    The client finds it once, so that no servlet pays for finding it (importing
+    ``tempfile`` and ``pathlib`` is most of a forked servlet's start). None, said
+    once on stderr, where it is too deep for a socket path: servlets then listen
+    on their loopback port only.
+    """
+    directory = str(runtime_subdir("servlets"))
+    longest = os.path.join(directory, f"{PID_MAX}.sock")
+    if len(os.fsencode(longest)) > SUN_PATH_MAX:
+        print(
+            f"runmap: socket path {longest} is over {SUN_PATH_MAX} bytes: set RUNMAP_HOME to a shorter "
+            "directory; local servlets listen on TCP only",
+            file=sys.stderr,
+        )
+        return None
+    return directory
 
 
 def client_sys_path(with_site_packages: bool) -> list[str]:

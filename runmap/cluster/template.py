@@ -3,9 +3,10 @@
 Starting ``python -P -m runmap.server`` costs a replica about a tenth of a second
 of CPU, most of it importing the servlet's stack. A client therefore keeps one
 *template* (:mod:`runmap.server.template`), a process that has imported that
-stack once and forks a servlet per request. :func:`warm` starts it without
-waiting, as ``runmap.mapper`` is imported, so it boots while the client imports
-the rest; the local cluster then asks it for each servlet
+stack once and forks a servlet per request. ``runmap.mapper`` starts it without
+waiting, before it imports anything else (:mod:`runmap._template_start`), so it
+boots while the client imports the rest, and :func:`shared` adopts it; the local
+cluster then asks it for each servlet
 (:func:`template_for`) and gets a :class:`ForkedProcess`, which the code that
 runs servlets (:mod:`runmap.cluster.process`) uses as it uses a
 ``subprocess.Popen``. The servlet itself is the same: its configuration and
@@ -38,6 +39,8 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 
+from runmap import _template_start
+from runmap._template_start import TemplateProcess, start
 from runmap._typing import TYPE_CHECKING
 from runmap.exceptions import ClusterError
 
@@ -67,31 +70,18 @@ class Template:
         env: the template's environment; the servlets it forks get their own.
     """
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = dict(env)
+    def __init__(self, env: Mapping[str, str], started: TemplateProcess | None = None) -> None:
+        self.proc = started if started is not None else start(env)  # its stdin's end-of-file: leave
+        self.env = self.proc.env
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}  # pid -> return code, as the template reported
         self._ready = False
         self._lost = False
-        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "runmap.server.template", str(theirs.fileno())],
-                stdin=subprocess.PIPE,  # its end-of-file is the template's signal to leave
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,  # failures come back on the control socket
-                pass_fds=[theirs.fileno()],
-                env=self.env,
-                start_new_session=True,  # a Ctrl-C in the terminal is the client's to handle
-            )
-        except BaseException:
-            self._sock.close()
-            raise
-        finally:
-            theirs.close()
+        self._stdin_open = True
+        self._sock = socket.socket(fileno=self.proc.control)
         # Its end is read from a pidfd, not from waitpid: a library in this client (Ray's driver)
         # may reap children that are not its own, and Popen.poll would then call it ended at once.
-        self._pidfd = os.pidfd_open(self.proc.pid)  # type: ignore[attr-defined]
+        self._pidfd = self.proc.pidfd
         weakref.finalize(self, os.close, self._pidfd)
 
     @property
@@ -157,13 +147,15 @@ class Template:
         forked leave once their clients let them go)."""
         self._lost = True
         self._sock.close()
-        if self.proc.stdin is not None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+        self._close_stdin()
         if wait > 0 and _ended(self._pidfd, wait):
             self.proc.wait()  # reaped, now that it has ended
+
+    def _close_stdin(self) -> None:
+        """Closes this client's end of the template's stdin, once (its number may be reused after)."""
+        if self._stdin_open:
+            self._stdin_open = False
+            os.close(self.proc.stdin)
 
     def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
         """The next message from the template (holding the lock); an exit is recorded as it passes."""
@@ -188,10 +180,7 @@ class Template:
 
     def _gone(self, why: str) -> TemplateError:
         self._lost = True
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
-        except ProcessLookupError:
-            pass  # it has ended
+        self.proc.kill()
         self.proc.wait()
         self._sock.close()
         return TemplateError(f"the template process failed: {why}")
@@ -270,13 +259,7 @@ _broken = False  # a template failed to start in this process: start servlets pl
 
 def enabled() -> bool:
     """Whether servlets may be forked from a template in this process."""
-    return (
-        not _broken
-        and sys.version_info >= (3, 11)  # -P
-        and _pidfds_work()
-        and os.environ.get("RUNMAP_TEMPLATE", "1") != "0"
-        and "RUNMAP_REPLICA" not in os.environ  # a replica's own clusters start theirs plainly
-    )
+    return not _broken and _template_start.enabled()
 
 
 def warm() -> None:
@@ -293,8 +276,8 @@ def shared() -> Template | None:
     with _shared_lock:
         if _shared is not None and _shared.usable:
             return _shared
-        try:
-            _shared = Template({**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:  # the one runmap.mapper started as it was imported, the first time
+            _shared = Template({**os.environ, "PYTHONUNBUFFERED": "1"}, _template_start.take())
         except OSError:
             _broken = True
             return None
@@ -314,14 +297,6 @@ def failed(template: Template) -> None:
         _broken = True
 
 
-def _pidfds_work() -> bool:
-    try:
-        os.close(os.pidfd_open(os.getpid()))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        return False
-    return hasattr(signal, "pidfd_send_signal") and hasattr(socket, "send_fds")
-
-
 def current() -> Template | None:
     """This client's template, if one has been started (none is started here)."""
     return _shared
@@ -337,8 +312,7 @@ def _forget_in_child() -> None:
     global _shared
     if _shared is not None:
         _shared._sock.close()  # this copy's ends only: the template still ends with the parent
-        if _shared.proc.stdin is not None:
-            _shared.proc.stdin.close()
+        _shared._close_stdin()
     _shared = None
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from runmap._typing import TYPE_CHECKING
-from runmap.cluster import template
+from runmap import _template_start
+
+_template_start.warm()  # the servlets' template boots while this client imports the rest, this first
+
+from runmap._typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:
     from typing import Any
-
-template.warm()  # the servlets' template boots while this client imports the Mapper's machinery
 
 from runmap.mapper.mapper import Mapper  # noqa: E402
 from runmap.mapper.run import MapOptions  # noqa: E402

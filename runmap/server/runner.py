@@ -28,12 +28,9 @@ import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runmap.server import logfile
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 PARENT_POLL_SECONDS = 0.5
 _socket_file: str | None = None  # bind_unix's, removed when the servlet leaves
@@ -49,28 +46,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_unix(required: bool = True) -> tuple[socket.socket, str] | tuple[None, None]:
+def bind_unix(directory: str | None = None) -> tuple[socket.socket, str]:
     """A listening Unix socket file in the user's private runtime directory, and its path.
 
     Only this user can create a file there, so whoever later connects to the path
     reaches this servlet or nothing: unlike a loopback port, which any local user
     may bind once its servlet has gone, and so receive what a client sends to it.
     The file is named after the servlet's pid and removed when it leaves; one that
-    a servlet killed outright left behind is removed by the next to start. A path
-    too long for a socket (a deep ``$RUNMAP_HOME``) is an error if the servlet
-    has no other socket (``required``), else it listens on its TCP port alone.
-    """
-    from runmap.paths import SUN_PATH_MAX, runtime_subdir
+    a servlet killed outright left behind is removed by the next to start.
 
-    directory = runtime_subdir("servlets")
+    ``directory``: the one a client on this machine found and checked for its
+    servlets (cluster/local.py); None: found here (an SSH host's servlet), where
+    a path too long for a socket (a deep ``$RUNMAP_HOME``) is an error.
+    """
+    if directory is None:
+        from runmap.paths import SUN_PATH_MAX, runtime_subdir
+
+        directory = str(runtime_subdir("servlets"))
+        too_long = len(os.fsencode(os.path.join(directory, f"{os.getpid()}.sock"))) > SUN_PATH_MAX
+        if too_long:
+            raise OSError(f"socket path {directory}/{os.getpid()}.sock is over {SUN_PATH_MAX} bytes: "
+                          "set RUNMAP_HOME to a shorter directory")
     _remove_stale_sockets(directory)
-    path = str(directory / f"{os.getpid()}.sock")
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        too_long = f"socket path {path} is over {SUN_PATH_MAX} bytes: set RUNMAP_HOME to a shorter directory"
-        if required:
-            raise OSError(too_long)
-        print(f"runmap: {too_long}; listening on TCP only", file=sys.stderr, flush=True)
-        return None, None
+    path = os.path.join(directory, f"{os.getpid()}.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -84,7 +82,7 @@ def bind_unix(required: bool = True) -> tuple[socket.socket, str] | tuple[None, 
     return sock, path
 
 
-def _remove_stale_sockets(directory: Path) -> None:
+def _remove_stale_sockets(directory: str) -> None:
     """Removes the socket files in ``directory`` whose servlet (named by its pid) is gone, and ours."""
     for entry in os.scandir(directory):
         pid = entry.name.removesuffix(".sock")
@@ -173,7 +171,8 @@ def main() -> None:
 
     port = config.get("port", 0)
     sock = bind(config.get("host", "127.0.0.1"), int(port)) if port is not None else None
-    unix_sock, unix = bind_unix(required=sock is None) if config.get("unix_socket") else (None, None)
+    where = config.get("unix_socket")  # a directory (a local client's), True (this user's here), or none
+    unix_sock, unix = bind_unix(where if isinstance(where, str) else None) if where else (None, None)
     socks = [s for s in (sock, unix_sock) if s is not None]
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
     server = HttpServer(app, config["token"])

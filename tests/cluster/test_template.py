@@ -18,6 +18,7 @@ import pytest
 from processes import running
 
 import runmap as rm
+from runmap._template_start import TemplateProcess
 from runmap.cluster import template
 from runmap.cluster.process import ExitKind, ExitStatus, start_subprocess_servlet
 from runmap.server.command import servlet_command
@@ -63,8 +64,8 @@ def own_template(monkeypatch: pytest.MonkeyPatch) -> Iterator[template.Template]
     started: list[template.Template] = []
     real = template.Template
 
-    def starting(env: dict[str, str]) -> template.Template:
-        started.append(real(env))
+    def starting(env: dict[str, str], process: TemplateProcess | None = None) -> template.Template:
+        started.append(real(env, process))
         return started[-1]
 
     monkeypatch.setattr(template, "Template", starting)
@@ -220,3 +221,40 @@ def test_the_template_and_its_replicas_end_with_their_client(end: str) -> None:
         client.stdout.close()
         if not client.stdin.closed:
             client.stdin.close()
+
+
+CLIENT_WITH_A_PIPE = textwrap.dedent(
+    """
+    import json, os, sys
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # as a library may leave one: the template must not hold it open
+    import runmap as rm  # runmap.mapper starts the template as it is imported
+    from runmap.cluster import template
+
+    m = rm.mapper(lambda x: x + 1, num_replicas=1)
+    assert m.map([1], progress=False) == [2]
+    pid = template.shared().proc.pid
+    held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    print(json.dumps({"template": pid, "sid": os.getsid(pid), "holds_pipe": os.readlink(f"/proc/self/fd/{w}") in held}))
+    sys.stdout.flush()
+    sys.stdin.read()
+    """
+)
+
+
+def test_the_template_started_first_thing_is_the_one_used_and_holds_none_of_the_clients_descriptors() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RUNMAP_TEMPLATE"}
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_WITH_A_PIPE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+    )
+    assert client.stdout is not None and client.stdin is not None
+    try:
+        seen = json.loads(client.stdout.readline())
+        templates = [c.pid for c in psutil.Process(client.pid).children() if "runmap.server.template" in c.cmdline()]
+        assert templates == [seen["template"]], "one template: the one started early was adopted"
+        assert seen["sid"] == seen["template"], "a session of its own: a Ctrl-C in the terminal is the client's"
+        assert not seen["holds_pipe"]
+    finally:
+        client.stdin.close()
+        client.wait(30)
+        client.stdout.close()
