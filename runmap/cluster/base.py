@@ -60,6 +60,7 @@ class Cluster(ABC):
         self.name = name
         self.stream_logs = stream_logs
         self._servlets: dict[str, Servlet] = {}
+        self._stopping: set[Servlet] = set()  # ended by stop_servlet, which updates the registry after
         self._starting: dict[str, threading.Lock] = {}
         self._replica_counters: dict[str, int] = {}
         self._lock = threading.RLock()
@@ -143,12 +144,21 @@ class Cluster(ABC):
 
     def stop_servlet(self, servlet: Servlet) -> None:
         """Ends ``servlet`` and drops it from this cluster's books."""
-        servlet.stop()
-        logs.unfollow(servlet)
-        self.forget(servlet)
+        with self._lock:
+            self._stopping.add(servlet)
+        try:
+            servlet.stop()
+            logs.unfollow(servlet)
+            self.forget(servlet)
+        finally:
+            with self._lock:
+                self._stopping.discard(servlet)
 
     def _servlet_exited(self, servlet: Servlet) -> None:
         """One of its servlets ended (from the watcher's thread)."""
+        with self._lock:
+            if servlet in self._stopping:
+                return  # stopped on purpose: stop_servlet updates the books once it is gone
         if not self._closed and registry.shut_down_from_cli(self):
             # `runmap down` ended its servlets: the cluster ends with them, they are not replaced.
             self.closed_reason = "shut down from the command line (runmap down)"
