@@ -16,6 +16,7 @@ import atexit
 import base64
 import os
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -163,9 +164,23 @@ class Cluster(ABC):
             # `runmap down` ended its servlets: the cluster ends with them, they are not replaced.
             self.closed_reason = "shut down from the command line (runmap down)"
             # Not on the watcher's thread: closing takes a while, and other deaths must still be heard.
-            threading.Thread(target=self.close, name=f"runmap-down-{self.name}", daemon=True).start()
+            threading.Thread(target=self._close_after_down, name=f"runmap-down-{self.name}", daemon=True).start()
         else:
             registry.update(self)
+
+    def _close_after_down(self) -> None:
+        """Closes the cluster once ``runmap down``, which signalled every servlet of it, has ended them.
+
+        Each is let end of that signal first (a loaded machine may take a moment), so that
+        each reports what ended it, not a stop of this cluster's that came after.
+        """
+        from runmap.cluster.process import STOP_GRACE
+
+        deadline = time.monotonic() + STOP_GRACE
+        for servlet in self.servlets:
+            while servlet.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.close()
 
     def forget(self, servlet: Servlet) -> None:
         """Drops a servlet that died from this cluster's books, leaving what remains of it alone.
