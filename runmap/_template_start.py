@@ -94,7 +94,8 @@ def start(env: Mapping[str, str]) -> TemplateProcess:
             pid = os.posix_spawn(sys.executable, argv, dict(env), file_actions=actions, setsid=True)
         except NotImplementedError as e:  # a libc without POSIX_SPAWN_SETSID
             raise OSError(f"posix_spawn cannot start a session here: {e}") from None
-        process = TemplateProcess(pid, ours.detach(), stdin_w, dict(env))
+        process = TemplateProcess(pid, ours.fileno(), stdin_w, dict(env))
+        ours.detach()  # the process's now
     except BaseException:
         ours.close()
         os.close(stdin_w)

@@ -197,12 +197,19 @@ CLIENT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("end", ["SIGKILL", "exit"])
-def test_the_template_and_its_replicas_end_with_their_client(end: str) -> None:
+def client_script(script: str) -> subprocess.Popen[str]:
+    """A client interpreter running ``script``, with templates on, its stdin and stdout piped."""
     env = {k: v for k, v in os.environ.items() if k != "RUNMAP_TEMPLATE"}
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
     )
+    assert client.stdout is not None and client.stdin is not None
+    return client
+
+
+@pytest.mark.parametrize("end", ["SIGKILL", "exit"])
+def test_the_template_and_its_replicas_end_with_their_client(end: str) -> None:
+    client = client_script(CLIENT)
     assert client.stdout is not None and client.stdin is not None
     try:
         started = json.loads(client.stdout.readline())
@@ -243,10 +250,7 @@ CLIENT_WITH_A_PIPE = textwrap.dedent(
 
 
 def test_the_template_started_first_thing_is_the_one_used_and_holds_none_of_the_clients_descriptors() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RUNMAP_TEMPLATE"}
-    client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT_WITH_A_PIPE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
-    )
+    client = client_script(CLIENT_WITH_A_PIPE)
     assert client.stdout is not None and client.stdin is not None
     try:
         seen = json.loads(client.stdout.readline())
