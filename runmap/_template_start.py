@@ -38,14 +38,18 @@ class TemplateProcess:
         self.env = env
         self.pidfd: int = os.pidfd_open(pid)  # type: ignore[attr-defined]
         self.returncode: int | None = None
+        self._stdin_open = True
+
+    def close_stdin(self) -> None:
+        """Closes this client's end of its stdin, once (the number may be reused after): it leaves."""
+        if self._stdin_open:
+            self._stdin_open = False
+            os.close(self.stdin)
 
     def kill(self) -> None:
         import signal
 
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
-        except ProcessLookupError:
-            pass  # it has ended
+        pidfd_signal(self.pidfd, signal.SIGKILL)
 
     def wait(self) -> int:
         """Reaps it (it has ended, or is about to); its return code."""
@@ -56,6 +60,21 @@ class TemplateProcess:
             except ChildProcessError:  # reaped by a library that reaps every child (Ray's driver)
                 self.returncode = 0
         return self.returncode
+
+
+def pidfd_signal(pidfd: int, sig: int) -> None:
+    """Sends ``sig`` to the process of ``pidfd``, which may have ended (a pidfd never names another)."""
+    import signal
+
+    try:
+        signal.pidfd_send_signal(pidfd, sig)  # type: ignore[attr-defined]
+    except ProcessLookupError:
+        pass  # it has ended
+
+
+def template_env() -> dict[str, str]:
+    """The environment a client's template runs in: its own, unbuffered."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def enabled() -> bool:
@@ -116,7 +135,7 @@ def warm() -> None:
     global _early
     if _early is None and not _taken_over and enabled():
         try:
-            _early = start({**os.environ, "PYTHONUNBUFFERED": "1"})
+            _early = start(template_env())
         except OSError:
             pass  # the cluster's template tries again, and falls back to plain starts
 
@@ -126,7 +145,7 @@ def _forget_in_child() -> None:
     global _early
     if _early is not None:
         os.close(_early.control)
-        os.close(_early.stdin)
+        _early.close_stdin()
         _early = None
 
 

@@ -124,8 +124,8 @@ def socket_dir() -> str | None:
 
     The client finds it once, so that no servlet pays for finding it (importing
     ``tempfile`` and ``pathlib`` is most of a forked servlet's start). None, said
-    once on stderr, where it is too deep for a socket path: servlets then listen
-    on their loopback port only.
+    on stderr as the cluster is made, where it is too deep for a socket path: its
+    servlets then listen on their loopback port only.
     """
     directory = str(runtime_subdir("servlets"))
     longest = os.path.join(directory, f"{PID_MAX}.sock")

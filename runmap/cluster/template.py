@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 from runmap import _template_start
-from runmap._template_start import TemplateProcess, start
+from runmap._template_start import TemplateProcess, pidfd_signal, start, template_env
 from runmap._typing import TYPE_CHECKING
 from runmap.exceptions import ClusterError
 
@@ -77,7 +77,6 @@ class Template:
         self._exits: dict[int, int] = {}  # pid -> return code, as the template reported
         self._ready = False
         self._lost = False
-        self._stdin_open = True
         self._sock = socket.socket(fileno=self.proc.control)
         # Its end is read from a pidfd, not from waitpid: a library in this client (Ray's driver)
         # may reap children that are not its own, and Popen.poll would then call it ended at once.
@@ -147,15 +146,9 @@ class Template:
         forked leave once their clients let them go)."""
         self._lost = True
         self._sock.close()
-        self._close_stdin()
+        self.proc.close_stdin()
         if wait > 0 and _ended(self._pidfd, wait):
             self.proc.wait()  # reaped, now that it has ended
-
-    def _close_stdin(self) -> None:
-        """Closes this client's end of the template's stdin, once (its number may be reused after)."""
-        if self._stdin_open:
-            self._stdin_open = False
-            os.close(self.proc.stdin)
 
     def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
         """The next message from the template (holding the lock); an exit is recorded as it passes."""
@@ -226,10 +219,7 @@ class ForkedProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, sig)  # type: ignore[attr-defined]
-            except ProcessLookupError:
-                pass  # it has ended
+            pidfd_signal(self._pidfd, sig)
 
     def _settle(self) -> None:
         with self._lock:
@@ -277,7 +267,7 @@ def shared() -> Template | None:
         if _shared is not None and _shared.usable:
             return _shared
         try:  # the one runmap.mapper started as it was imported, the first time
-            _shared = Template({**os.environ, "PYTHONUNBUFFERED": "1"}, _template_start.take())
+            _shared = Template(template_env(), _template_start.take())
         except OSError:
             _broken = True
             return None
@@ -312,7 +302,7 @@ def _forget_in_child() -> None:
     global _shared
     if _shared is not None:
         _shared._sock.close()  # this copy's ends only: the template still ends with the parent
-        _shared._close_stdin()
+        _shared.proc.close_stdin()
     _shared = None
 
 

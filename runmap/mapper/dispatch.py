@@ -131,7 +131,6 @@ class Lane:
         self.closed = False
         self.draining = False  # a call timed out: the replica is on its way out, so it takes no more
         self.alone = False  # it runs a call that must have no other beside it (Task.alone)
-        self.ending: float | None = None  # retired: when to stop waiting for its last answers and its end
         self._ids = itertools.count(1)
         self._token = replica.remote.servlet.endpoint.token.encode()
         self._head = CallHead(
@@ -263,7 +262,7 @@ class Dispatcher:
         self._sleeping = False
         self._stopping = False
         self._failover: list[threading.Thread] = []
-        self._ending: list[Lane] = []  # retired lanes waiting for their connection's end (see _end)
+        self._ending: dict[Lane, float] = {}  # retired lanes waiting for their connection's end, until when (_end)
         self._thread = threading.Thread(target=self._run, name="runmap-dispatch", daemon=True)
         self._thread.start()
 
@@ -383,26 +382,20 @@ class Dispatcher:
         not be charged with the death. A connection that does not end within
         ``ENDING_GRACE`` (a host that no longer answers) is dropped.
         """
-        if lane.closed or lane.ending is not None:
+        if lane.closed or lane in self._ending:
             return
         self._read(lane)
         if not lane.closed:
-            lane.ending = time.perf_counter() + ENDING_GRACE
-            self._ending.append(lane)
+            self._ending[lane] = time.perf_counter() + ENDING_GRACE
 
     def _drop_ended(self) -> float | None:
         """Fails the retired lanes whose grace is over; returns the wait to the next one's end."""
         now = time.perf_counter()
-        wait = None
-        for lane in list(self._ending):
-            if lane.closed:
-                self._ending.remove(lane)
-            elif lane.ending is not None and lane.ending <= now:
-                self._ending.remove(lane)
+        for lane, deadline in list(self._ending.items()):
+            if lane.closed or deadline <= now:
+                del self._ending[lane]
                 self._fail(lane, ConnectionAbortedError("the replica was retired, and its connection did not end"))
-            elif lane.ending is not None:
-                wait = lane.ending - now if wait is None else min(wait, lane.ending - now)
-        return wait
+        return min(self._ending.values()) - now if self._ending else None
 
     def _feed(self) -> bool:
         """Sends queued tasks to the lanes with room; returns whether any lane has room left.

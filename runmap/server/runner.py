@@ -59,16 +59,15 @@ def bind_unix(directory: str | None = None) -> tuple[socket.socket, str]:
     servlets (cluster/local.py); None: found here (an SSH host's servlet), where
     a path too long for a socket (a deep ``$RUNMAP_HOME``) is an error.
     """
+    limit = None  # the client checked its directory
     if directory is None:
         from runmap.paths import SUN_PATH_MAX, runtime_subdir
 
-        directory = str(runtime_subdir("servlets"))
-        too_long = len(os.fsencode(os.path.join(directory, f"{os.getpid()}.sock"))) > SUN_PATH_MAX
-        if too_long:
-            raise OSError(f"socket path {directory}/{os.getpid()}.sock is over {SUN_PATH_MAX} bytes: "
-                          "set RUNMAP_HOME to a shorter directory")
-    _remove_stale_sockets(directory)
+        directory, limit = str(runtime_subdir("servlets")), SUN_PATH_MAX
     path = os.path.join(directory, f"{os.getpid()}.sock")
+    if limit is not None and len(os.fsencode(path)) > limit:
+        raise OSError(f"socket path {path} is over {limit} bytes: set RUNMAP_HOME to a shorter directory")
+    _remove_stale_sockets(directory)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
