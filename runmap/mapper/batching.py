@@ -86,6 +86,7 @@ class AdaptiveChunks:
         if pace is not None:  # the last map's: believed for the first chunks (REMEMBERED_SECONDS)
             self.per_input, self.bytes_per_input = pace
         self.largest_done = 0  # the most inputs a finished chunk held
+        self.tail: int | None = None  # the size the end of the map is cut into, once it began
 
     @property
     def pace(self) -> Pace | None:
@@ -105,8 +106,16 @@ class AdaptiveChunks:
             # Leave at least two chunks per slot for the end of the map, unless
             # they would be too short to be worth a request each (going by this
             # map's own chunks: at a remembered pace, two a slot at least).
+            # The share is taken once, when the end begins, and kept: taken
+            # again at each read it would shrink with what is left (20k inputs
+            # on 2 slots went out as 5000, 3750, 2813, 2110 and a last 6327
+            # one replica ran alone).
             share = math.ceil(remaining / (2 * self.slots))
-            size = min(size, max(share, int(TAIL_MIN_SECONDS / per)) if self.largest_done else share)
+            cut = max(share, int(TAIL_MIN_SECONDS / per)) if self.largest_done else share
+            if self.tail is None and cut < size:
+                self.tail = cut
+            if self.tail is not None:
+                size = min(size, self.tail)
         return max(1, min(size, MAX_CHUNK))
 
     def record(self, count: int, seconds: float, payload_bytes: int) -> None:

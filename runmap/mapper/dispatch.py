@@ -63,7 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError
+from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
 from runmap.transport.framing import (
     IN_THREAD,
     KEPT,
@@ -92,6 +92,22 @@ ENDING_GRACE = 2.0  # how long a retired replica's connection has to bring its l
 def _in_company(task: Task) -> bool:
     """Whether ``task`` may be sent to a lane that has calls in flight."""
     return not task.alone
+
+
+def _send(lane: Lane, task: Task) -> None:
+    """Sends ``task`` on ``lane``; a task whose inputs can't be pickled fails instead (its map splits it)."""
+    try:
+        lane.send(task)
+    except SerializationError as exc:
+        task.sink.failed(task, exc)
+
+
+def _pickle_ahead(task: Task) -> None:
+    """Pickles a queued task while the lanes are full, so it goes out the moment one has room."""
+    try:
+        task.serialized()
+    except SerializationError:
+        pass  # it fails when it is sent, as a task pickled then would
 
 
 def queue_depth(seconds: float | None, concurrency: int) -> int:
@@ -143,8 +159,13 @@ class Lane:
         self.dispatcher.abort(self)
 
     def send(self, task: Task) -> None:
+        """Queues ``task``'s frame for the socket.
+
+        Raises:
+            SerializationError: the task's inputs could not be pickled (nothing was queued).
+        """
+        payload = task.serialized()
         call_id = next(self._ids) % MAX_CALL_ID or next(self._ids)
-        payload = task.payload
         head = self._head(len(payload), IN_THREAD if task.in_thread else 0, call_id)
         now = time.perf_counter()
         call = self.inflight[call_id] = _Call(task, now, None)
@@ -178,11 +199,15 @@ class Lane:
             sink.seconds = seconds if sink.seconds is None else sink.seconds + LEARN * (seconds - sink.seconds)
         else:
             self.waiting.remove(call_id)  # refused before it started (a malformed frame)
+        self._start_waiting(now)
+        return call
+
+    def _start_waiting(self, now: float) -> None:
+        """The oldest queued calls, as many as there is room for, may run from now on."""
         concurrency = self.dispatcher.concurrency
         while self.waiting and self.running < concurrency:
             queued = self.waiting.popleft()
             self._start(queued, self.inflight[queued], now)
-        return call
 
     def withdraw(self, count: int) -> None:
         """Asks the servlet for the newest ``count`` queued calls back (each is answered WITHDRAWN or KEPT)."""
@@ -206,7 +231,13 @@ class Lane:
         if status != WITHDRAWN:
             return None
         del self.inflight[call_id]
-        self.waiting.remove(call_id)
+        if call.running:
+            # Counted as running once an answer before it came, but the servlet had not
+            # started it yet: it parses a whole read before it starts any call in it.
+            self.running -= 1
+            self._start_waiting(time.perf_counter())
+        else:
+            self.waiting.remove(call_id)
         return call.task
 
     def expired(self, call_id: int) -> _Call:
@@ -327,17 +358,24 @@ class Dispatcher:
                 self._sleeping = room
                 if room and self.pool.tasks:
                     timeout = 0  # a task came in meanwhile: look again at once
-                events = self._selector.select(timeout)
+                ahead = None if room else self.pool.tasks.unpickled(len(self._lanes))
+                events = self._selector.select(0 if ahead is not None else timeout)
+                if ahead is not None and not events:
+                    _pickle_ahead(ahead)
+                    continue
                 self._sleeping = False
+                readable = []
                 for key, mask in events:
                     lane = key.data
                     if lane is None:
                         self._drain_wake()
                         continue
-                    if mask & selectors.EVENT_READ:
-                        self._read(lane)
                     if mask & selectors.EVENT_WRITE and not lane.closed:
                         self._flush(lane)
+                    if mask & selectors.EVENT_READ:
+                        readable.append(lane)
+                if readable:
+                    self._read(readable)
         except BaseException as exc:  # a bug here must not leave maps waiting forever
             log.exception("runmap's dispatch thread failed")
             self._shut()
@@ -384,7 +422,7 @@ class Dispatcher:
         """
         if lane.closed or lane in self._ending:
             return
-        self._read(lane)
+        self._read([lane])
         if not lane.closed:
             self._ending[lane] = time.perf_counter() + ENDING_GRACE
 
@@ -415,20 +453,26 @@ class Dispatcher:
                     room = room or not tasks  # else a task to run alone waits for a lane to run dry
                     break
                 if not task.sink.cancelled:
-                    lane.send(task)
+                    _send(lane, task)
+            if lane.out and not lane.writing:
+                self._flush(lane)  # its servlet starts now, not once the next lane's calls are pickled
         lanes = [lane for lane in lanes if not lane.alone]
+        # Fewer tasks left than lanes (the end of a map): each waits for the lane that runs dry
+        # first. Queued at once, the last chunks of a map went behind one replica's while the
+        # other, its answer not read yet, ran dry: a third of a 20k-input map ran on one replica.
+        spread = len(lanes)
         while not room and lanes:  # a call a lane in turn: a map whose calls turn long finds them spread
             for lane in list(lanes):
                 queued = len(lane.inflight) - concurrency
                 task = None
-                if queued < PIPELINE_DEPTH - concurrency:
+                if queued < PIPELINE_DEPTH - concurrency and len(tasks) >= spread:
                     task = tasks.get_nowait(
                         lambda t: not t.alone and queue_depth(t.sink.seconds, concurrency) > queued  # noqa: B023
                     )
                 if task is None:
                     lanes.remove(lane)
                 elif not task.sink.cancelled:
-                    lane.send(task)
+                    _send(lane, task)
         if room:
             self._rebalance(lanes)
         for lane in self._lanes:
@@ -490,19 +534,33 @@ class Dispatcher:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
             self._selector.modify(sock, events, lane)
 
-    def _read(self, lane: Lane) -> None:
-        """Takes the lane's answers; each map hears of those of one read at once (one wake-up, not one each)."""
-        done: dict[Sink, list[Outcomed]] = {}
+    def _read(self, lanes: list[Lane]) -> None:
+        """Takes the answers of ``lanes``; each map hears of those of one read at once (one wake-up, not one each).
+
+        Every lane is read, and the calls its answers made room for are sent,
+        before any answer is unpickled: else a servlet idles while answers are
+        unpickled, and a lane whose answer is not read yet looks busy, so the
+        next call queues behind another replica's.
+        """
+        answers: list[tuple[Lane, _Call, bytes]] = []
         try:
-            self._receive(lane, done)
+            for lane in lanes:
+                self._receive(lane, answers)
+            if answers and not self._stopping:
+                self._feed()
         finally:
+            done: dict[Sink, list[Outcomed]] = {}
+            for lane, call, body in answers:
+                event = self.pool.outcome_of(lane.replica, call.task, body, call.started)
+                if event is not None:
+                    done.setdefault(call.task.sink, []).append(event)
             for sink, events in done.items():
                 try:
                     sink.done_many(events)
                 except Exception:  # a sink that raised (a future cancelled meanwhile) must not stop the others
-                    log.exception("runmap: handing on the outcome of inputs from %s failed", lane.replica.name)
+                    log.exception("runmap: handing on the outcome of %d calls failed", len(events))
 
-    def _receive(self, lane: Lane, done: dict[Sink, list[Outcomed]]) -> None:
+    def _receive(self, lane: Lane, answers: list[tuple[Lane, _Call, bytes]]) -> None:
         reader = lane.reader
         while not lane.closed:
             buffer = reader.buffer()
@@ -526,14 +584,7 @@ class Dispatcher:
                 if status != 200:
                     self._deliver(lane, call, status, body)
                     continue
-                event = self.pool.outcome_of(lane.replica, call.task, body, call.started)
-                if event is not None:
-                    sink = call.task.sink
-                    events = done.get(sink)
-                    if events is None:
-                        done[sink] = [event]
-                    else:
-                        events.append(event)
+                answers.append((lane, call, body))
             if n < len(buffer):
                 return  # the socket is drained: no need for a recv that would only say so
 

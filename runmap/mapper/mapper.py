@@ -370,7 +370,9 @@ class Mapper:
         self._ensure_started()
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
-        self._pool.submit(Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout))
+        task = Task(0, ser.STAR, [args], kwargs, FutureSink(future), self.timeout)
+        task.serialized()  # arguments that can't be pickled raise here, in the caller's thread
+        self._pool.submit(task)
         return future
 
     def _start(

@@ -171,15 +171,20 @@ class ReplicaPool:
         module, method = replica.remote.module_name, self.method
         try:
             while True:
-                task = None  # a finished task's inputs must not live on while this slot waits
+                task = payload = None  # a finished task's inputs must not live on while this slot waits
                 task = self.tasks.get(lambda: replica.retired)
                 if task is None:
                     return
                 if task.sink.cancelled:
                     continue
+                try:
+                    payload = task.serialized()
+                except SerializationError as exc:
+                    task.sink.failed(task, exc)
+                    continue
                 started = time.perf_counter()
                 try:
-                    data = channel.call(module, method, task.payload, task.timeout, task.in_thread)
+                    data = channel.call(module, method, payload, task.timeout, task.in_thread)
                 except ReplicaTimeoutError as exc:
                     self.timed_out(replica, task, exc)
                     return

@@ -91,6 +91,7 @@ class FrameProtocol(asyncio.Protocol):
         self._buf += data
         try:
             self._serve()
+            self._start_backlog()
         finally:
             self._flush()
 
@@ -129,11 +130,10 @@ class FrameProtocol(asyncio.Protocol):
                 return
             body = bytes(memoryview(buf)[names_end:end])
             del buf[:end]
-            call = (call_id, module, method, body, bool(flags & IN_THREAD))
-            if self._backlog or not self._room():
-                self._backlog.append(call)
-            else:
-                self._call(*call)
+            # Queued even when there is room: it starts once every frame of this read is
+            # parsed, so a withdrawal that came with it finds it (else a replica that ran
+            # dry asked in vain for a call its peer had just been sent while busy).
+            self._backlog.append((call_id, module, method, body, bool(flags & IN_THREAD)))
 
     def _withdraw(self, call_id: int) -> None:
         """Takes the queued call ``call_id`` out of the backlog, if it is there: it never runs."""
@@ -160,7 +160,7 @@ class FrameProtocol(asyncio.Protocol):
 
     def _start_backlog(self) -> None:
         backlog = self._backlog
-        while backlog and self.transport is not None and self._room():
+        while backlog and self.transport is not None and not self.transport.is_closing() and self._room():
             self._call(*backlog.popleft())
 
     def _call(self, call_id: int, module: str, method: str, body: bytes, in_thread: bool) -> None:

@@ -129,8 +129,18 @@ def test_the_tail_is_cut_finer_but_not_into_pieces_shorter_than_a_few_ms() -> No
     chunks.per_input = 1e-3  # 1 ms inputs
     assert chunks.next_size(100_000) == 50  # target 50 ms
     assert chunks.next_size(40) == 10  # two chunks per slot for the end
-    chunks.per_input = 1e-6  # trivial inputs: a request costs more than splitting gains
-    assert chunks.next_size(8_000) == int(TAIL_MIN_SECONDS / 1e-6)
+    assert chunks.next_size(30) == 10  # ... of the same size: the end is cut once
+    trivial = AdaptiveChunks(slots=2)
+    trivial.largest_done = MAX_CHUNK
+    trivial.per_input = 1e-6  # trivial inputs: a request costs more than splitting gains
+    assert trivial.next_size(8_000) == int(TAIL_MIN_SECONDS / 1e-6)
+
+
+def test_the_end_of_a_map_is_cut_into_equal_chunks() -> None:
+    # Cut again at each read, 20k inputs on 2 slots went out as 5000, 3750, 2813, 2110 and a
+    # last 6327 that one replica ran while the other idled.
+    _, sizes = simulate([1e-7] * 20_000, slots=2, pace=(1e-7, 8.0))
+    assert sizes == [5_000] * 4
 
 
 def test_a_map_starts_at_the_pace_of_the_last_one_in_short_chunks() -> None:

@@ -202,6 +202,33 @@ def test_long_calls_after_short_ones_are_spread_over_the_replicas(cluster: rm.Lo
     assert all(long.count(pid) >= 3 for pid in set(pids)), long  # 4 each, give or take one
 
 
+def test_a_call_the_servlet_hands_back_after_the_client_counted_it_running_is_taken_back() -> None:
+    # The client sends B behind A and asks B back; A's answer comes first, so the client counts B
+    # as running; but the servlet parses a whole read before it starts any call in it, so it may
+    # hand B back all the same. The lane must take it (it once raised, and the dispatch thread died).
+    from types import SimpleNamespace
+
+    from runmap.mapper.dispatch import Lane
+    from runmap.mapper.tasks import Sink, Task
+    from runmap.transport.framing import WITHDRAWN
+
+    servlet = SimpleNamespace(endpoint=SimpleNamespace(token="t"))
+    replica = SimpleNamespace(remote=SimpleNamespace(servlet=servlet, module_name="m"))
+    dispatcher = SimpleNamespace(concurrency=1, watch_deadline=lambda *args: None)
+    lane = Lane(dispatcher, replica, None, None)  # type: ignore[arg-type]
+    sink = Sink()
+    a, b, c = (Task(i, 0, [i], None, sink, payload=b"x") for i in range(3))
+    for task in (a, b, c):
+        lane.send(task)
+    lane.withdraw(1)  # the newest queued: c
+    lane.withdraw(1)  # then b
+    assert lane.answered(1) is not None  # a's answer: b counts as running now
+    assert lane.taken_back(2, WITHDRAWN) is b
+    assert lane.running == 1 and list(lane.waiting) == []  # c may run now
+    assert lane.taken_back(3, WITHDRAWN) is c
+    assert lane.running == 0 and not lane.inflight and lane.withdrawing == 0
+
+
 # ------------------------------------------------ who is charged with a death
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -44,12 +46,25 @@ def _upgraded(servlet: Servlet, token: str | None = None, extra: str = "") -> so
     return sock
 
 
-def _exchange(servlet: Servlet, frames: bytes, answers: int, concurrency: int) -> list[tuple[int, int, bytes]]:
-    """Sends ``frames`` in one write on a connection of that concurrency; the first ``answers`` answers."""
+def _exchange(
+    servlet: Servlet,
+    frames: bytes,
+    answers: int,
+    concurrency: int,
+    then: tuple[Callable[[], None], bytes] | None = None,
+) -> list[tuple[int, int, bytes]]:
+    """Sends ``frames`` in one write on a connection of that concurrency; the first ``answers`` answers.
+
+    ``then``: a wait, and frames sent in a second write once it returned.
+    """
     sock = _upgraded(servlet, extra=f"Runmap-Concurrency: {concurrency}\r\n")
     try:
         assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
         sock.sendall(frames)
+        if then is not None:
+            wait, more = then
+            wait()
+            sock.sendall(more)
         reader, answered = framing.ResponseReader(), []
         while len(answered) < answers:
             n = sock.recv_into(reader.buffer())
@@ -225,23 +240,46 @@ class Recorder:
         return self.ran
 
 
+def _recorded_calls(recorder: Any, token: bytes, calls: tuple[tuple[int, float], ...]) -> bytes:
+    from runmap import serialization as ser
+
+    frames = b""
+    for call_id, seconds in calls:
+        body = ser.dump_call(ser.STAR, [(call_id, seconds)], None)
+        head = framing.request_head(token, recorder.module_name.encode(), b"run", len(body), framing.IN_THREAD, call_id)
+        frames += head + body
+    return frames
+
+
 def test_a_queued_call_taken_back_never_runs_and_a_started_one_is_kept(cluster: rm.LocalCluster) -> None:
     """The Mapper takes queued calls back from a replica when another runs dry (mapper/dispatch.py)."""
     from runmap import serialization as ser
 
     recorder = rm.module(Recorder).to(cluster)()
     token = recorder.servlet.endpoint.token.encode()
-    frames = b""
-    for call_id, seconds in ((1, 0.3), (2, 0.0), (3, 0.0)):  # 1 runs in a thread, 2 and 3 queue behind it
-        body = ser.dump_call(ser.STAR, [(call_id, seconds)], None)
-        head = framing.request_head(token, recorder.module_name.encode(), b"run", len(body), framing.IN_THREAD, call_id)
-        frames += head + body
-    frames += framing.withdraw_frame(token, 3) + framing.withdraw_frame(token, 1) + framing.withdraw_frame(token, 9)
-    answered = _exchange(recorder.servlet, frames, answers=5, concurrency=1)
+    frames = _recorded_calls(recorder, token, ((1, 0.3), (2, 0.0), (3, 0.0)))  # 1 runs in a thread, 2 and 3 queue
+
+    def started() -> None:
+        deadline = time.monotonic() + 10
+        while 1 not in recorder.seen():
+            assert time.monotonic() < deadline, "call 1 never started"
+
+    withdrawals = framing.withdraw_frame(token, 3) + framing.withdraw_frame(token, 1) + framing.withdraw_frame(token, 9)
+    answered = _exchange(recorder.servlet, frames, answers=5, concurrency=1, then=(started, withdrawals))
     statuses = [(call_id, status) for call_id, status, _ in answered]
     assert [ser.load_outcome(body).results for _, status, body in answered if status == 200] == [[1], [2]]
     assert statuses == [(3, framing.WITHDRAWN), (1, framing.KEPT), (9, framing.KEPT), (1, 200), (2, 200)]
     assert recorder.seen() == [1, 2]  # 3 never ran
+
+
+def test_a_withdrawal_read_with_its_call_wins_even_when_there_was_room(cluster: rm.LocalCluster) -> None:
+    """A call and its withdrawal in one read: the call never starts (the servlet parses a read before it runs any)."""
+    recorder = rm.module(Recorder).to(cluster)()
+    token = recorder.servlet.endpoint.token.encode()
+    frames = _recorded_calls(recorder, token, ((1, 0.0), (2, 0.0))) + framing.withdraw_frame(token, 1)
+    answered = _exchange(recorder.servlet, frames, answers=2, concurrency=1)
+    assert [(call_id, status) for call_id, status, _ in answered] == [(1, framing.WITHDRAWN), (2, 200)]
+    assert recorder.seen() == [2]
 
 
 @pytest.mark.parametrize("names, body", [(b"m", 0), (b"", 5)])
