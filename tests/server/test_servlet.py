@@ -36,6 +36,29 @@ def test_token_is_never_on_a_command_line(cluster: rm.LocalCluster) -> None:
     assert "runmap.server" in cmdline
 
 
+def policy_of_self_and_child(_: int) -> tuple[int, int]:
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"], capture_output=True, check=True
+    )
+    return os.sched_getscheduler(0), int(child.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
+def test_a_servlet_and_what_its_user_code_starts_run_as_batch_workers() -> None:
+    import os
+
+    with rm.mapper(policy_of_self_and_child, num_replicas=2) as mapper:
+        assert mapper.map([0, 1], chunksize=1, progress=False) == [(os.SCHED_BATCH, os.SCHED_BATCH)] * 2
+        for replica in mapper.replicas:  # every thread of the servlet: the calls ran in one of them
+            for thread in psutil.Process(replica.servlet.pid).threads():
+                assert os.sched_getscheduler(thread.id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the client is left as it was
+
+
 def test_every_route_but_health_demands_the_token(cluster: rm.LocalCluster) -> None:
     servlet = _servlet(cluster)
     base = f"http://{servlet.endpoint}"
