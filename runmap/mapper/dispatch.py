@@ -456,7 +456,9 @@ class Dispatcher:
                     _send(lane, task)
             if lane.out and not lane.writing:
                 self._flush(lane)  # its servlet starts now, not once the next lane's calls are pickled
-        lanes = [lane for lane in lanes if not lane.alone]
+        # A flush that failed closed its lane and handed its calls to the failover: a call sent to it
+        # after that would be in no lane's books and no queue, and its map would wait for it forever.
+        lanes = [lane for lane in lanes if not (lane.alone or lane.closed)]
         # Fewer tasks left than lanes (the end of a map): each waits for the lane that runs dry
         # first. Queued at once, the last chunks of a map went behind one replica's while the
         # other, its answer not read yet, ran dry: a third of a 20k-input map ran on one replica.
@@ -475,7 +477,7 @@ class Dispatcher:
                     _send(lane, task)
         if room:
             self._rebalance(lanes)
-        for lane in self._lanes:
+        for lane in list(self._lanes):  # a failed flush removes its lane from the list
             if lane.out and not lane.writing:
                 self._flush(lane)
         return room

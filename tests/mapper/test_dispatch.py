@@ -229,6 +229,52 @@ def test_a_call_the_servlet_hands_back_after_the_client_counted_it_running_is_ta
     assert lane.running == 0 and not lane.inflight and lane.withdrawing == 0
 
 
+def test_calls_are_never_sent_to_a_lane_whose_first_flush_found_its_servlet_gone() -> None:
+    # Lane A's servlet is gone before the map's first calls: the flush right after A's running call
+    # fails and hands that call to the failover. The calls queued a lane in turn after that must not
+    # go to A (they once did, and a map waited forever for calls no lane or queue held).
+    import socket
+    from types import SimpleNamespace
+
+    from runmap.mapper.dispatch import Dispatcher
+    from runmap.mapper.tasks import Sink, Task, TaskQueue
+
+    lost: list[int] = []
+
+    def lost_calls(replica: object, ran: list[Task], exc: Exception, queued: list[Task]) -> None:
+        lost.extend(t.start for t in ran + queued)
+
+    def replica(name: str) -> SimpleNamespace:
+        servlet = SimpleNamespace(endpoint=SimpleNamespace(token="t"))
+        return SimpleNamespace(name=name, retired=False, remote=SimpleNamespace(servlet=servlet, module_name="m"))
+
+    pool = SimpleNamespace(tasks=TaskQueue(), lost_calls=lost_calls, dispatch_failed=lambda exc: None)
+    sink = Sink()
+    sink.seconds = 1e-5  # a map of short calls: calls are queued at the servlets beyond the running one
+    tasks = [Task(i, 0, [i], None, sink, payload=b"x") for i in range(6)]
+    for task in tasks:
+        pool.tasks.put(task)
+    gone, gone_peer = socket.socketpair()
+    alive, alive_peer = socket.socketpair()
+    gone_peer.close()
+    dispatcher = Dispatcher(pool, concurrency=1)  # type: ignore[arg-type]
+    try:
+        dispatcher.add(replica("a"), gone, None)
+        lane_b = dispatcher.add(replica("b"), alive, None)
+        deadline = time.monotonic() + 5
+        while True:
+            in_b = sorted(call.task.start for call in list(lane_b.inflight.values()))
+            queued = sorted(t.start for t in list(pool.tasks._tasks))
+            if lost and sorted(lost + in_b + queued) == list(range(6)):
+                break
+            assert time.monotonic() < deadline, f"lost {lost}, on b {in_b}, queued {queued}: the rest went nowhere"
+            time.sleep(0.01)
+        assert lost == [0]  # A's one running call, and nothing after it
+    finally:
+        dispatcher.close(5)
+        alive_peer.close()
+
+
 # ------------------------------------------------ who is charged with a death
 
 
