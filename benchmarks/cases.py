@@ -154,6 +154,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 SMALL_REPEATS = 5  # a map of a tenth of (a)'s items takes a few ms: one is mostly scheduler noise
+REPEATS = 3  # a map of all (a)'s items takes ~25 ms on 2 vCPUs: one alone moved 15% between rounds, either way
 
 
 def median_timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -168,6 +169,7 @@ def median_timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def case_a(impl: str, n: dict[str, int]) -> dict[str, Any]:
     """Trivial items on 2 workers: items/s (start-up excluded).
 
+    Each peer but Dask (few items: its rate is flat) takes the median of ``REPEATS`` maps;
     runmap and Pool are also timed on a tenth of the items: the median of ``SMALL_REPEATS`` maps.
     """
     xs = list(range(n["a_task"] if impl == "dask" else n["a"]))
@@ -175,24 +177,24 @@ def case_a(impl: str, n: dict[str, int]) -> dict[str, Any]:
     if impl == "runmap":
         with runmap_mapper(ident) as m:
             m.map(range(100), progress=False)  # replicas warm, as for every peer
-            dt, out = timed(lambda: m.map(xs, progress=False))
+            dt, out = median_timed(lambda: m.map(xs, progress=False), REPEATS)
             dt_small, out_small = median_timed(lambda: m.map(small, progress=False), SMALL_REPEATS)
     elif impl == "pool":
         with mp_pool(2) as p:
             p.map(ident, range(100))
-            dt, out = timed(lambda: p.map(ident, xs))
+            dt, out = median_timed(lambda: p.map(ident, xs), REPEATS)
             dt_small, out_small = median_timed(lambda: p.map(ident, small), SMALL_REPEATS)
     elif impl == "ppe":
         with ppe(2) as ex:
             list(ex.map(ident, range(100)))
-            dt, out = timed(lambda: list(ex.map(ident, xs, chunksize=256)))
+            dt, out = median_timed(lambda: list(ex.map(ident, xs, chunksize=256)), REPEATS)
     elif impl == "ray_pool":
         with Ray():
             from ray.util.multiprocessing import Pool
 
             p = Pool(2)
             p.map(ident, range(100))
-            dt, out = timed(lambda: p.map(ident, xs))
+            dt, out = median_timed(lambda: p.map(ident, xs), REPEATS)
             p.terminate()
     elif impl == "dask":
         with Dask() as client:
@@ -201,7 +203,7 @@ def case_a(impl: str, n: dict[str, int]) -> dict[str, Any]:
     elif impl == "joblib":
         with joblib_parallel(2) as par:
             joblib_map(par, ident, range(100))
-            dt, out = timed(lambda: joblib_map(par, ident, xs))
+            dt, out = median_timed(lambda: joblib_map(par, ident, xs), REPEATS)
     else:
         raise SystemExit(f"no impl {impl}")
     check(out, xs, "a")
