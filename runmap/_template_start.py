@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 CONTROL_FD = 3  # the template's end of its control socket, in the template
+TEMPLATE_CODE = "from runmap.server.template import main; main()"
 
 
 class TemplateProcess:
@@ -88,7 +89,10 @@ def enabled() -> bool:
 
 
 def start(env: Mapping[str, str]) -> TemplateProcess:
-    """Spawns ``python -P -m runmap.server.template`` with ``env``.
+    """Spawns the template, ``python -P -c "from runmap.server.template import main; main()"``, with ``env``.
+
+    ``-c``, not ``-m``: running a module as ``__main__`` imports ``runpy`` and
+    ``importlib.util``, ~3 ms of the template's boot, which a short script waits for.
 
     Raises:
         OSError: it could not be started.
@@ -108,7 +112,7 @@ def start(env: Mapping[str, str]) -> TemplateProcess:
             (os.POSIX_SPAWN_DUP2, control_src, CONTROL_FD),
         ]
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > CONTROL_FD]
-        argv = [sys.executable, "-P", "-m", "runmap.server.template", str(CONTROL_FD)]
+        argv = [sys.executable, "-P", "-c", TEMPLATE_CODE, str(CONTROL_FD)]
         try:
             pid = os.posix_spawn(sys.executable, argv, dict(env), file_actions=actions, setsid=True)
         except NotImplementedError as e:  # a libc without POSIX_SPAWN_SETSID

@@ -1,4 +1,4 @@
-"""A warm process that forks local servlets: ``python -P -m runmap.server.template``.
+"""A warm process that forks local servlets: ``python -P -c "from runmap.server.template import main; main()"``.
 
 A fresh servlet spends most of its start-up importing its own stack (asyncio, the
 HTTP server, cloudpickle): about a tenth of a second of CPU per replica, paid

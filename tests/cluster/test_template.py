@@ -18,7 +18,7 @@ import pytest
 from processes import running
 
 import runmap as rm
-from runmap._template_start import TemplateProcess
+from runmap._template_start import TEMPLATE_CODE, TemplateProcess
 from runmap.cluster import template
 from runmap.cluster.process import ExitKind, ExitStatus, start_subprocess_servlet
 from runmap.server.command import servlet_command
@@ -254,7 +254,7 @@ def test_the_template_started_first_thing_is_the_one_used_and_holds_none_of_the_
     assert client.stdout is not None and client.stdin is not None
     try:
         seen = json.loads(client.stdout.readline())
-        templates = [c.pid for c in psutil.Process(client.pid).children() if "runmap.server.template" in c.cmdline()]
+        templates = [c.pid for c in psutil.Process(client.pid).children() if TEMPLATE_CODE in c.cmdline()]
         assert templates == [seen["template"]], "one template: the one started early was adopted"
         assert seen["sid"] == seen["template"], "a session of its own: a Ctrl-C in the terminal is the client's"
         assert not seen["holds_pipe"]
