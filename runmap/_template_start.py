@@ -89,10 +89,10 @@ def enabled() -> bool:
 
 
 def start(env: Mapping[str, str]) -> TemplateProcess:
-    """Spawns the template, ``python -P -c "from runmap.server.template import main; main()"``, with ``env``.
+    """Spawns the template, ``python -P -c TEMPLATE_CODE``, with ``env``.
 
     ``-c``, not ``-m``: running a module as ``__main__`` imports ``runpy`` and
-    ``importlib.util``, ~3 ms of the template's boot, which a short script waits for.
+    ``importlib.util``, which no servlet needs (measured: ~1 ms of a 58 ms boot).
 
     Raises:
         OSError: it could not be started.

@@ -11,6 +11,7 @@ import os
 import random
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -202,20 +203,22 @@ def test_long_calls_after_short_ones_are_spread_over_the_replicas(cluster: rm.Lo
     assert all(long.count(pid) >= 3 for pid in set(pids)), long  # 4 each, give or take one
 
 
+def _fake_replica(name: str) -> SimpleNamespace:
+    """What a lane reads of its replica: its name, whether it retired, its servlet's token, its module."""
+    servlet = SimpleNamespace(endpoint=SimpleNamespace(token="t"))
+    return SimpleNamespace(name=name, retired=False, remote=SimpleNamespace(servlet=servlet, module_name="m"))
+
+
 def test_a_call_the_servlet_hands_back_after_the_client_counted_it_running_is_taken_back() -> None:
     # The client sends B behind A and asks B back; A's answer comes first, so the client counts B
     # as running; but the servlet parses a whole read before it starts any call in it, so it may
     # hand B back all the same. The lane must take it (it once raised, and the dispatch thread died).
-    from types import SimpleNamespace
-
     from runmap.mapper.dispatch import Lane
     from runmap.mapper.tasks import Sink, Task
     from runmap.transport.framing import WITHDRAWN
 
-    servlet = SimpleNamespace(endpoint=SimpleNamespace(token="t"))
-    replica = SimpleNamespace(remote=SimpleNamespace(servlet=servlet, module_name="m"))
     dispatcher = SimpleNamespace(concurrency=1, watch_deadline=lambda *args: None)
-    lane = Lane(dispatcher, replica, None, None)  # type: ignore[arg-type]
+    lane = Lane(dispatcher, _fake_replica("a"), None, None)  # type: ignore[arg-type]
     sink = Sink()
     a, b, c = (Task(i, 0, [i], None, sink, payload=b"x") for i in range(3))
     for task in (a, b, c):
@@ -234,7 +237,6 @@ def test_calls_are_never_sent_to_a_lane_whose_first_flush_found_its_servlet_gone
     # fails and hands that call to the failover. The calls queued a lane in turn after that must not
     # go to A (they once did, and a map waited forever for calls no lane or queue held).
     import socket
-    from types import SimpleNamespace
 
     from runmap.mapper.dispatch import Dispatcher
     from runmap.mapper.tasks import Sink, Task, TaskQueue
@@ -243,10 +245,6 @@ def test_calls_are_never_sent_to_a_lane_whose_first_flush_found_its_servlet_gone
 
     def lost_calls(replica: object, ran: list[Task], exc: Exception, queued: list[Task]) -> None:
         lost.extend(t.start for t in ran + queued)
-
-    def replica(name: str) -> SimpleNamespace:
-        servlet = SimpleNamespace(endpoint=SimpleNamespace(token="t"))
-        return SimpleNamespace(name=name, retired=False, remote=SimpleNamespace(servlet=servlet, module_name="m"))
 
     pool = SimpleNamespace(tasks=TaskQueue(), lost_calls=lost_calls, dispatch_failed=lambda exc: None)
     sink = Sink()
@@ -259,8 +257,8 @@ def test_calls_are_never_sent_to_a_lane_whose_first_flush_found_its_servlet_gone
     gone_peer.close()
     dispatcher = Dispatcher(pool, concurrency=1)  # type: ignore[arg-type]
     try:
-        dispatcher.add(replica("a"), gone, None)
-        lane_b = dispatcher.add(replica("b"), alive, None)
+        dispatcher.add(_fake_replica("a"), gone, None)
+        lane_b = dispatcher.add(_fake_replica("b"), alive, None)
         deadline = time.monotonic() + 5
         while True:
             in_b = sorted(call.task.start for call in list(lane_b.inflight.values()))
