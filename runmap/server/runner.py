@@ -19,14 +19,14 @@ died), and its parent process changing (a fork of the client kept the pipe).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import sys
-import threading
-import time
 import traceback
 from typing import Any
 
@@ -99,34 +99,30 @@ def _remove_stale_sockets(directory: str) -> None:
             os.unlink(entry.path)
 
 
-def watch_parent(on_gone: Any, stdin_watch: bool = True) -> None:
-    """Calls ``on_gone`` once the client is gone (stdin EOF or a new parent)."""
+def watch_parent(on_gone: Any) -> None:
+    """Calls ``on_gone`` once the client is gone: end-of-file on stdin, or a new parent.
+
+    One thread watches both, waiting on stdin at most ``PARENT_POLL_SECONDS``
+    at a time. It is a bare ``_thread`` one: ``threading.Thread.start`` waits
+    until the new thread runs, about a millisecond of a servlet's start when
+    both cores are busy, and the client's first request waits for it. It never
+    holds the process up (the servlet leaves through ``os._exit``).
+    """
     parent = os.getppid()
-    fired = threading.Event()
 
-    def fire() -> None:
-        if not fired.is_set():
-            fired.set()
-            on_gone()
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(0, select.POLLIN)  # end-of-file, a hang-up or a bad descriptor all wake it too
+        while os.getppid() == parent:
+            if poller.poll(int(PARENT_POLL_SECONDS * 1000)):
+                try:
+                    if not os.read(0, 65536):  # past the config line sys.stdin read: the rest is ignored
+                        break
+                except OSError:
+                    break
+        on_gone()
 
-    def read_stdin() -> None:
-        try:
-            while sys.stdin.buffer.read(65536):
-                pass
-        except (OSError, ValueError):
-            pass
-        fire()
-
-    def poll_parent() -> None:
-        while not fired.is_set():
-            if os.getppid() != parent:
-                fire()
-                return
-            time.sleep(PARENT_POLL_SECONDS)
-
-    if stdin_watch:
-        threading.Thread(target=read_stdin, name="runmap-stdin-watch", daemon=True).start()
-    threading.Thread(target=poll_parent, name="runmap-parent-watch", daemon=True).start()
+    _thread.start_new_thread(watch, ())
 
 
 def raise_open_files_limit() -> None:
@@ -177,12 +173,12 @@ def main() -> None:
     app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
     server = HttpServer(app, config["token"])
 
-    # The client is gone, or asks this servlet to leave (it closed stdin): no one waits for
-    # an answer any more, not even to calls in flight, so leave at once.
-    watch_parent(leave)
     port = sock.getsockname()[1] if sock is not None else None
     sys.stdout.write(json.dumps({"port": port, "unix": unix, "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
+    # The client is gone, or asks this servlet to leave (it closed stdin): no one waits for
+    # an answer any more, not even to calls in flight, so leave at once.
+    watch_parent(leave)
     # From here on, whatever user code prints goes to the servlet's log (capped: logfile.py).
     logfile.capture(log)
     signal.signal(signal.SIGTERM, lambda *_: leave())
