@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from runmap.cluster.template import Template, TemplateError, describe_lost, failed
+from runmap.cluster.watcher import watch_pid
 from runmap.exceptions import ClusterError
 from runmap.paths import open_private
 from runmap.server.logfile import LogCopier, RotatingLog
@@ -247,8 +248,6 @@ class SubprocessServlet(ServletProcess):
         self.stop()
 
     def watch(self, callback: Callable[[], None]) -> None:
-        from runmap.cluster.watcher import watch_pid
-
         watch_pid(self.proc.pid, callback)
 
     def release(self) -> None:

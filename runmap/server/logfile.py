@@ -32,6 +32,7 @@ what the thread had not yet copied, at most a pipe's worth.
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import os
 import sys
@@ -199,13 +200,24 @@ class LogCopier:
     The pipe and the log are closed at its end. A servlet copies its own output with it
     (:class:`OutputCapture`); the client copies an SSH session's stderr with it, so that an
     SSH replica's log is capped as a local one's is.
+
+    ``bare``: a plain ``_thread`` thread, which the servlet's own copier is.
+    ``threading.Thread.start`` waits until the new thread runs, about a
+    millisecond when both cores are busy, and a starting servlet's first
+    request waits for it; a client's copier stays a ``threading.Thread``, which
+    ``threading.enumerate`` (and a test's check for leftovers) sees.
     """
 
-    def __init__(self, read_fd: int, log: RotatingLog, name: str = "runmap-log-writer") -> None:
+    def __init__(self, read_fd: int, log: RotatingLog, name: str = "runmap-log-writer", bare: bool = False) -> None:
         self.log = log
         self._fd = read_fd
-        self._thread = threading.Thread(target=self._pump, name=name, daemon=True)
-        self._thread.start()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        if bare:
+            _thread.start_new_thread(self._pump, ())
+        else:
+            self._thread = threading.Thread(target=self._pump, name=name, daemon=True)
+            self._thread.start()
 
     def _pump(self) -> None:
         try:
@@ -223,14 +235,17 @@ class LogCopier:
         finally:
             os.close(self._fd)
             self.log.close()
+            self._finished.set()
 
     @property
     def done(self) -> bool:
         """Whether the copy reached the pipe's end."""
-        return not self._thread.is_alive()
+        return self._finished.is_set() if self._thread is None else not self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Waits for the copy to reach the pipe's end; whether it has."""
+        """Waits for the copy to reach the pipe's end (a ``threading`` copier: for its thread's end); whether it has."""
+        if self._thread is None:
+            return self._finished.wait(timeout)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -247,7 +262,7 @@ class OutputCapture:
         if log.fd is not None:
             log.size = os.fstat(log.fd).st_size  # counting what was written through the launcher's descriptor
         read_fd, write_fd = os.pipe()
-        self._copier = LogCopier(read_fd, log)
+        self._copier = LogCopier(read_fd, log, bare=True)
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
         os.close(write_fd)
