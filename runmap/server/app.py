@@ -44,6 +44,7 @@ keeps them off the loop wherever they land.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import functools
 import json
@@ -223,11 +224,17 @@ T = TypeVar("T")
 class ServletApp:
     """The routes above, over one :class:`ServletState`."""
 
-    def __init__(self, state: ServletState) -> None:
+    def __init__(self, state: ServletState, warm: bool = False) -> None:
         self.state = state
         self.placement = CallPlacement()
         self._threaded = 0  # calls running in worker threads now
         self._threads = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="runmap-call")
+        if warm:
+            # The first worker starts now, from a bare thread: the executor starts one with
+            # threading.Thread.start, which waits until it runs, and the first request (the module's
+            # placement) would wait for that on the loop (~2 ms of a forked servlet's start, measured
+            # with both cores busy). The bare thread does the waiting instead.
+            _thread.start_new_thread(self._threads.submit, (int,))
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args))
@@ -310,6 +317,9 @@ def _allow(method: str, *allowed: str) -> None:
         raise ProtocolError("method not allowed", 405)
 
 
-def build_app(state: ServletState, token: str, max_body: int = DEFAULT_MAX_BODY) -> Any:
-    """Builds the ASGI app for ``state``, wrapped in the token and body-limit check."""
-    return TokenAndLimitMiddleware(ServletApp(state), token, max_body)
+def build_app(state: ServletState, token: str, max_body: int = DEFAULT_MAX_BODY, warm: bool = False) -> Any:
+    """Builds the ASGI app for ``state``, wrapped in the token and body-limit check.
+
+    ``warm``: its first call thread starts now (a servlet process's app), not at the first request.
+    """
+    return TokenAndLimitMiddleware(ServletApp(state, warm), token, max_body)

@@ -170,7 +170,7 @@ def main() -> None:
     where = config.get("unix_socket")  # a directory (a local client's), True (this user's here), or none
     unix_sock, unix = bind_unix(where if isinstance(where, str) else None) if where else (None, None)
     socks = [s for s in (sock, unix_sock) if s is not None]
-    app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)))
+    app = build_app(ServletState(name), config["token"], int(config.get("max_body", DEFAULT_MAX_BODY)), warm=True)
     server = HttpServer(app, config["token"])
 
     port = sock.getsockname()[1] if sock is not None else None
