@@ -102,7 +102,8 @@ NOTES = {
     "Dask `client.submit().result()` (1 worker), `ray.get(actor.m.remote())`.",
     "d": "runmap: `imap(xs, chunksize=1)` on a Mapper with concurrency 4. Pool: `imap(chunksize=1)`. "
     "joblib `batch_size=1`. Dask `client.map` + `client.gather`, every call in flight at once. "
-    "Ray `ActorPool.map` keeps one call in flight per actor; Ray and Dask run fewer calls (they are slower).",
+    "Ray `ActorPool.map` keeps one call in flight per actor; Ray and Dask run fewer calls (they are slower). "
+    "Each round is the median of 5 runs in one process (Ray and Dask: one): one run moved from 60k to 110k calls/s.",
     "e": "To the results: from the parent's `Popen` (interpreter start-up and every import included) to the "
     "map's results; Ray includes `ray.init` and two actors, Dask a `LocalCluster` of 2 workers, joblib the start "
     "of its loky workers. Then `close` (runmap's `Mapper.close`, `Pool.terminate` as `with Pool` does, "

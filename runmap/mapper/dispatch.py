@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runmap.exceptions import ReplicaDiedError, ReplicaTimeoutError, SerializationError
+from runmap.mapper.colocate import CpuFollower
 from runmap.transport.framing import (
     IN_THREAD,
     KEPT,
@@ -294,6 +295,7 @@ class Dispatcher:
         self._stopping = False
         self._failover: list[threading.Thread] = []
         self._ending: dict[Lane, float] = {}  # retired lanes waiting for their connection's end, until when (_end)
+        self.cpu = CpuFollower()  # beside the threads reading maps' results (colocate.py)
         self._thread = threading.Thread(target=self._run, name="runmap-dispatch", daemon=True)
         self._thread.start()
 
@@ -346,6 +348,7 @@ class Dispatcher:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self.cpu.tick()
                 if self._added or self._aborted:
                     self._take_changes()
                 room = self._feed()
@@ -384,6 +387,7 @@ class Dispatcher:
             self._shut()
 
     def _shut(self) -> None:
+        self.cpu.release()
         with self._lock:
             lanes = self._lanes + self._added
             self._added = []

@@ -153,6 +153,16 @@ class ReplicaPool:
 
     # ----------------------------------------------------------------- tasks
 
+    def reading(self, native_id: int, now: bool) -> None:
+        """Thread ``native_id`` begins (``now``) or ends reading a map's results: the dispatch
+        thread runs beside it meanwhile (runmap/mapper/colocate.py)."""
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            if now:
+                dispatcher.cpu.follow(native_id)
+            else:
+                dispatcher.cpu.unfollow(native_id)
+
     def submit(self, task: Task, front: bool = False) -> None:
         broken = self._broken  # one read of one attribute: no lock needed
         if broken is not None:

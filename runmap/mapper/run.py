@@ -18,6 +18,7 @@ import math
 import os
 import queue
 import re
+import threading
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -191,6 +192,8 @@ class MapRun:
         """
         bar = self.bar if self.bar is not None else Progress(self.opts.progress, self.total, _describe(self.mapper))
         next_index = 0
+        reader = threading.get_native_id()
+        self.pool.reading(reader, True)
         try:
             while not self.cancelled:
                 self._fill()
@@ -220,6 +223,7 @@ class MapRun:
                     bar.update(self._receive(*event))
                 bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
         finally:
+            self.pool.reading(reader, False)
             if isinstance(self.chunks, AdaptiveChunks) and self.chunks.pace is not None:
                 self.mapper.pace = self.chunks.pace  # where the Mapper's next map starts
             self.sink.cancelled = True
