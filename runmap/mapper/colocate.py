@@ -8,9 +8,11 @@ other thread through the kernel, and a map of short calls ran at half the rate
 for the whole life of a process, whichever way the scheduler had first placed
 the threads (measured on 2 vCPUs, chunksize 1, 2 replicas: 51-65k calls/s with
 the threads pinned apart, 106-117k pinned together, either of the two at
-random unpinned). So while a map runs, the dispatch thread pins itself to the
-CPU that thread last ran on, and follows it if it moves (looking at most every
-``FOLLOW_SECONDS``); with no map for ``RELEASE_SECONDS``, it may run anywhere again.
+random unpinned). So while a map of short calls runs, the dispatch thread pins
+itself to the CPU that thread last ran on, and follows it if it moves (looking at
+most every ``FOLLOW_SECONDS``); with no map for ``RELEASE_SECONDS``, or a map of
+long calls, it may run anywhere again: large inputs ran faster apart, their
+copies in the kernel (outside the GIL) overlapping the other thread's work.
 
 Linux only (``/proc/<pid>/task/<tid>/stat``, ``sched_setaffinity``); elsewhere,
 or where the affinity cannot be set (a CPU set that forbids it), nothing is pinned.
@@ -21,9 +23,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 FOLLOW_SECONDS = 0.01  # looking costs ~20 µs; at 0.05 s, one process in five still ran at the slow rate
 RELEASE_SECONDS = 0.2  # with no map for this long, it runs anywhere again: back-to-back maps keep their CPU
+SHORT_CALL_SECONDS = 0.001
+"""Only a map whose calls take less (by their average so far) has the dispatch thread beside it:
+with 10 MB inputs (each call ~20 ms), the two threads apart moved 612 MB/s, together 498."""
 
 
 class CpuFollower:
@@ -35,26 +41,27 @@ class CpuFollower:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._followed: list[int] = []  # native ids of the threads reading maps' results; the last is followed
+        # The threads reading maps' results (native ids), each with whether its map's calls are short now.
+        self._followed: list[tuple[int, Callable[[], bool]]] = []  # the last is followed
         self._works = hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")
         self._allowed: set[int] | None = None  # the pinned thread's CPUs before it was pinned
         self._pinned: int | None = None  # the CPU it is pinned to
         self._next = 0.0  # when to look again where the followed thread runs
         self._idle_since: float | None = None  # when the last map it followed ended
 
-    def follow(self, native_id: int) -> None:
-        """Starts following thread ``native_id`` (a map began reading its results there)."""
+    def follow(self, native_id: int, short: Callable[[], bool]) -> None:
+        """Starts following thread ``native_id`` (a map began reading its results there) while ``short()``."""
         with self._lock:
-            self._followed.append(native_id)
+            self._followed.append((native_id, short))
         self._next = 0.0
 
     def unfollow(self, native_id: int) -> None:
         """Stops following it (its map ended); another map's thread is followed, or none."""
         with self._lock:
-            if native_id in self._followed:
-                self._followed.reverse()
-                self._followed.remove(native_id)  # the latest entry: a thread may run maps one in another
-                self._followed.reverse()
+            for i in range(len(self._followed) - 1, -1, -1):  # the latest: a thread may run maps one in another
+                if self._followed[i][0] == native_id:
+                    del self._followed[i]
+                    break
         self._next = 0.0
 
     def tick(self) -> None:
@@ -66,14 +73,18 @@ class CpuFollower:
             return
         self._next = now + FOLLOW_SECONDS
         with self._lock:
-            target = self._followed[-1] if self._followed else None
-        if target is None:
+            followed = self._followed[-1] if self._followed else None
+        if followed is None:
             if self._idle_since is None:
                 self._idle_since = now
             elif now - self._idle_since >= RELEASE_SECONDS:
                 self.release()
             return
         self._idle_since = None
+        target, short = followed
+        if not short():
+            self.release()  # long calls: few hand-overs, and the threads' copies run best apart
+            return
         cpu = _last_cpu(target)
         if cpu is None or cpu == self._pinned:
             return

@@ -193,7 +193,7 @@ class MapRun:
         bar = self.bar if self.bar is not None else Progress(self.opts.progress, self.total, _describe(self.mapper))
         next_index = 0
         reader = threading.get_native_id()
-        self.pool.reading(reader, True)
+        self.pool.reading(reader, self.sink)
         try:
             while not self.cancelled:
                 self._fill()
@@ -223,7 +223,7 @@ class MapRun:
                     bar.update(self._receive(*event))
                 bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
         finally:
-            self.pool.reading(reader, False)
+            self.pool.reading(reader, None)
             if isinstance(self.chunks, AdaptiveChunks) and self.chunks.pace is not None:
                 self.mapper.pace = self.chunks.pace  # where the Mapper's next map starts
             self.sink.cancelled = True

@@ -64,13 +64,29 @@ def test_a_follower_pins_its_thread_beside_the_followed_one_and_lets_it_go() -> 
         seen["after"] = _allowed(me)
 
     main = threading.get_native_id()
-    follower.follow(main)
+    follower.follow(main, lambda: True)
     thread = threading.Thread(target=pinned_thread, name="runmap-test-follower")
     thread.start()
     thread.join()
     assert len(seen["following"]) == 1 and seen["following"] <= everywhere
     assert seen["just after"] == seen["following"]
     assert seen["after"] == everywhere
+
+
+def test_a_follower_of_a_map_of_long_calls_pins_nothing() -> None:
+    everywhere = os.sched_getaffinity(0)
+    follower = CpuFollower()
+    seen: list[set[int]] = []
+
+    def pinned_thread() -> None:
+        follower.tick()
+        seen.append(_allowed(threading.get_native_id()))
+
+    follower.follow(threading.get_native_id(), lambda: False)
+    thread = threading.Thread(target=pinned_thread, name="runmap-test-follower")
+    thread.start()
+    thread.join()
+    assert seen == [everywhere]
 
 
 def test_the_dispatch_thread_runs_beside_the_map_and_anywhere_after() -> None:
@@ -92,3 +108,19 @@ def test_the_dispatch_thread_runs_beside_the_map_and_anywhere_after() -> None:
         assert len(pinned) >= 3, "the dispatch thread never ran on the reading thread's CPU"
         # The map is over: the next wake-up of the dispatch thread lets it run anywhere again.
         assert _eventually(lambda: _allowed(dispatch.native_id) == everywhere, lambda: m.call(3))
+
+
+def test_a_map_of_long_calls_leaves_the_dispatch_thread_free() -> None:
+    everywhere = os.sched_getaffinity(0)
+    with rm.mapper(nap, num_replicas=2) as m:
+        m.map([0], progress=False)
+        dispatch = next(t for t in threading.enumerate() if t.name == "runmap-dispatch")
+        assert dispatch.native_id is not None
+        for i, y in enumerate(m.imap(range(40), chunksize=1, progress=False)):
+            assert y == i
+            assert _allowed(dispatch.native_id) == everywhere, "pinned for calls of 5 ms"
+
+
+def nap(x: int) -> int:
+    time.sleep(0.005)
+    return x
