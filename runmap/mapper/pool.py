@@ -33,11 +33,10 @@ from typing import Union
 from runmap import serialization as ser
 from runmap.cluster.process import ExitStatus
 from runmap.exceptions import ReplicaDiedError, ReplicaError, ReplicaTimeoutError, SerializationError
-from runmap.mapper.colocate import SHORT_CALL_SECONDS
 from runmap.mapper.dispatch import Dispatcher, Lane
 from runmap.mapper.liveness import DEFAULT_LIVENESS_TIMEOUT, LivenessMonitor, probe
 from runmap.mapper.provider import ReplicaProvider
-from runmap.mapper.tasks import Outcomed, Sink, Task, TaskQueue
+from runmap.mapper.tasks import Outcomed, Task, TaskQueue
 from runmap.module import Remote
 from runmap.servlet import Servlet
 from runmap.transport.base import Channel
@@ -154,16 +153,16 @@ class ReplicaPool:
 
     # ----------------------------------------------------------------- tasks
 
-    def reading(self, native_id: int, sink: Sink | None) -> None:
-        """Thread ``native_id`` begins reading the results of the map of ``sink``, or ends (None): the
-        dispatch thread runs beside it meanwhile while the map's calls are short (runmap/mapper/colocate.py)."""
+    def reading(self, native_id: int, short: Callable[[], bool] | None) -> None:
+        """Thread ``native_id`` begins reading a map's results, whose calls are short while ``short()``,
+        or ends (None): the dispatch thread runs beside it meanwhile (runmap/mapper/colocate.py)."""
         dispatcher = self._dispatcher
         if dispatcher is None:
             return
-        if sink is None:
+        if short is None:
             dispatcher.cpu.unfollow(native_id)
         else:
-            dispatcher.cpu.follow(native_id, lambda: sink.seconds is not None and sink.seconds < SHORT_CALL_SECONDS)
+            dispatcher.cpu.follow(native_id, short)
 
     def submit(self, task: Task, front: bool = False) -> None:
         broken = self._broken  # one read of one attribute: no lock needed

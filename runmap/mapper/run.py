@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from runmap import serialization as ser
 from runmap.exceptions import ConfigError, SerializationError
 from runmap.mapper.batching import AdaptiveChunks, FixedChunks, chunker
+from runmap.mapper.colocate import SHORT_CALL_SECONDS
 from runmap.mapper.dispatch import queue_depth
 from runmap.mapper.progress import Progress
 from runmap.mapper.tasks import Requeued, Sink, Split, Task
@@ -192,8 +193,10 @@ class MapRun:
         """
         bar = self.bar if self.bar is not None else Progress(self.opts.progress, self.total, _describe(self.mapper))
         next_index = 0
-        reader = threading.get_native_id()
-        self.pool.reading(reader, self.sink)
+        # Short calls one input or a few each (a fixed chunk size): the dispatch thread beside this one.
+        reader = threading.get_native_id() if isinstance(self.chunks, FixedChunks) else None
+        if reader is not None:
+            self.pool.reading(reader, self._short_calls)
         try:
             while not self.cancelled:
                 self._fill()
@@ -223,7 +226,8 @@ class MapRun:
                     bar.update(self._receive(*event))
                 bar.story(self.rerun, self.mapper.replaced - self.replaced_before, self.errors)
         finally:
-            self.pool.reading(reader, None)
+            if reader is not None:
+                self.pool.reading(reader, None)
             if isinstance(self.chunks, AdaptiveChunks) and self.chunks.pace is not None:
                 self.mapper.pace = self.chunks.pace  # where the Mapper's next map starts
             self.sink.cancelled = True
@@ -231,6 +235,10 @@ class MapRun:
             bar.close()
             if self.checkpoint is not None:
                 self.checkpoint.close()
+
+    def _short_calls(self) -> bool:
+        seconds = self.sink.seconds
+        return seconds is not None and seconds < SHORT_CALL_SECONDS
 
     def _fill(self) -> None:
         # In flight: at most the window. Read but not yet yielded (in flight, or done

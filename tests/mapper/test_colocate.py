@@ -124,3 +124,15 @@ def test_a_map_of_long_calls_leaves_the_dispatch_thread_free() -> None:
 def nap(x: int) -> int:
     time.sleep(0.005)
     return x
+
+
+def test_a_map_of_adaptive_chunks_leaves_the_dispatch_thread_free() -> None:
+    everywhere = os.sched_getaffinity(0)
+    with rm.mapper(square, num_replicas=2) as m:
+        m.map([0], progress=False)
+        dispatch = next(t for t in threading.enumerate() if t.name == "runmap-dispatch")
+        assert dispatch.native_id is not None
+        for i, y in enumerate(m.imap(range(300_000), progress=False)):
+            if i % 5_000 == 0:
+                assert y == i * i
+                assert _allowed(dispatch.native_id) == everywhere, "pinned for a map of chunks of many inputs"
