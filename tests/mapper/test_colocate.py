@@ -33,6 +33,13 @@ def _allowed(native_id: int) -> set[int]:
     return cpus
 
 
+def _dispatch_thread() -> int:
+    """The native id of the client's dispatch thread (a Mapper that has mapped has one)."""
+    native_id = next(t for t in threading.enumerate() if t.name == "runmap-dispatch").native_id
+    assert native_id is not None
+    return native_id
+
+
 def _eventually(check: Callable[[], bool], poke: Callable[[], object] = lambda: None) -> bool:
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
@@ -93,32 +100,30 @@ def test_the_dispatch_thread_runs_beside_the_map_and_anywhere_after() -> None:
     everywhere = os.sched_getaffinity(0)
     with rm.mapper(square, num_replicas=2, concurrency=2) as m:
         assert m.map([1, 2], progress=False) == [1, 4]  # the dispatch thread is up
-        dispatch = next(t for t in threading.enumerate() if t.name == "runmap-dispatch")
-        assert dispatch.native_id is not None
+        dispatch = _dispatch_thread()
         me = threading.get_native_id()
         pinned = []
         for i, y in enumerate(m.imap(range(100_000), chunksize=1, progress=False)):
             assert y == i * i
             if i % 500 == 0:
-                allowed = _allowed(dispatch.native_id)
+                allowed = _allowed(dispatch)
                 if len(allowed) == 1 and allowed == {colocate._last_cpu(me)}:
                     pinned.append(i)
                     if len(pinned) >= 3:
                         break
         assert len(pinned) >= 3, "the dispatch thread never ran on the reading thread's CPU"
         # The map is over: the next wake-up of the dispatch thread lets it run anywhere again.
-        assert _eventually(lambda: _allowed(dispatch.native_id) == everywhere, lambda: m.call(3))
+        assert _eventually(lambda: _allowed(dispatch) == everywhere, lambda: m.call(3))
 
 
 def test_a_map_of_long_calls_leaves_the_dispatch_thread_free() -> None:
     everywhere = os.sched_getaffinity(0)
     with rm.mapper(nap, num_replicas=2) as m:
         m.map([0], progress=False)
-        dispatch = next(t for t in threading.enumerate() if t.name == "runmap-dispatch")
-        assert dispatch.native_id is not None
+        dispatch = _dispatch_thread()
         for i, y in enumerate(m.imap(range(40), chunksize=1, progress=False)):
             assert y == i
-            assert _allowed(dispatch.native_id) == everywhere, "pinned for calls of 5 ms"
+            assert _allowed(dispatch) == everywhere, "pinned for calls of 5 ms"
 
 
 def nap(x: int) -> int:
@@ -130,9 +135,8 @@ def test_a_map_of_adaptive_chunks_leaves_the_dispatch_thread_free() -> None:
     everywhere = os.sched_getaffinity(0)
     with rm.mapper(square, num_replicas=2) as m:
         m.map([0], progress=False)
-        dispatch = next(t for t in threading.enumerate() if t.name == "runmap-dispatch")
-        assert dispatch.native_id is not None
+        dispatch = _dispatch_thread()
         for i, y in enumerate(m.imap(range(300_000), progress=False)):
             if i % 5_000 == 0:
                 assert y == i * i
-                assert _allowed(dispatch.native_id) == everywhere, "pinned for a map of chunks of many inputs"
+                assert _allowed(dispatch) == everywhere, "pinned for a map of chunks of many inputs"
