@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 CONTROL_FD = 3  # the template's end of its control socket, in the template
-TEMPLATE_CODE = "from runmap.server.template import main; main()"
+# The collector is off while the template imports the servlet's stack (runmap.server.runner.stack_imported).
+TEMPLATE_CODE = "import gc; gc.disable(); from runmap.server.template import main; main()"
 
 
 class TemplateProcess:

@@ -12,7 +12,7 @@ imports (:func:`runmap.server.runner.main`).
 
 from __future__ import annotations
 
-_BOOTSTRAP = "import sys; del sys.path[0]; from runmap.server.runner import main; main()"
+_BOOTSTRAP = "import gc, sys; gc.disable(); del sys.path[0]; from runmap.server.runner import main; main()"
 
 
 def servlet_command(python: str, version: tuple[int, int]) -> list[str]:

@@ -1,4 +1,4 @@
-"""A warm process that forks local servlets: ``python -P -c "from runmap.server.template import main; main()"``.
+"""A warm process that forks local servlets: ``python -P -c TEMPLATE_CODE`` (runmap/_template_start.py).
 
 A fresh servlet spends most of its start-up importing its own stack (asyncio, the
 HTTP server, cloudpickle): about a tenth of a second of CPU per replica, paid
@@ -55,6 +55,7 @@ CHILD_FDS = 3  # its stdin, stdout, stderr (the log)
 
 
 def main() -> None:
+    runner.stack_imported()  # frozen before the first fork, and the collector on again in every child
     control = socket.socket(fileno=int(sys.argv[1]))
     _send(control, {"ready": os.getpid()})
     children: dict[int, int] = {}  # pidfd -> pid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -34,6 +35,41 @@ def test_token_is_never_on_a_command_line(cluster: rm.LocalCluster) -> None:
     cmdline = " ".join(psutil.Process(servlet.pid).cmdline())
     assert servlet.endpoint.token not in cmdline
     assert "runmap.server" in cmdline
+
+
+def collects_a_cycle_unasked(_: object = None) -> tuple[bool, bool]:
+    """Whether the collector is on, and a cycle of garbage is freed by the allocations that follow it."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    freed: list[bool] = []
+    node = Node()
+    node.me = node  # type: ignore[attr-defined]
+    weakref.finalize(node, freed.append, True)
+    del node
+    keep = []
+    for i in range(2_000_000):  # containers: each counts towards the next collection
+        keep.append((i,))
+        if freed:
+            break
+        if len(keep) > 10_000:
+            keep.clear()
+    return gc.isenabled(), bool(freed)
+
+
+@pytest.mark.parametrize("start", ["forked", "plain"])
+def test_user_code_runs_with_the_garbage_collector_on(
+    cluster: rm.LocalCluster, start: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A servlet's entry turns the collector off while it imports its own stack; user code must not notice.
+    if start == "plain":
+        monkeypatch.setenv("RUNMAP_TEMPLATE", "0")
+    remote = rm.function(collects_a_cycle_unasked).to(cluster)
+    assert (psutil.Process(remote.servlet.pid).ppid() == os.getpid()) == (start == "plain")
+    assert remote() == (True, True)
 
 
 def policy_of_self_and_child(_: int) -> tuple[int, int]:
