@@ -75,6 +75,11 @@ class Template:
         self.env = self.proc.env
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}  # pid -> return code, as the template reported
+        # The template answers requests one at a time, in the order they came: the n-th answer
+        # (a pid, or an error) is the n-th request's, whichever thread reads it.
+        self._asked = 0  # requests sent
+        self._answered = 0  # answers read
+        self._answers: dict[int, tuple[dict[str, Any], list[int]]] = {}  # request number -> answer, until taken
         self._ready = False
         self._lost = False
         self._sock = socket.socket(fileno=self.proc.control)
@@ -105,22 +110,26 @@ class Template:
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         try:
+            request = json.dumps({"env": dict(env), "cwd": cwd}).encode()
             with self._lock:
                 deadline = time.monotonic() + READY_TIMEOUT
                 while not self._ready:
                     self._receive(deadline)
-                request = json.dumps({"env": dict(env), "cwd": cwd}).encode()
                 try:
                     socket.send_fds(self._sock, [request], [stdin_r, stdout_w, log_fd])
                 except OSError as e:
                     raise self._gone(f"it took no request ({e})") from None
+                number, self._asked = self._asked, self._asked + 1
+            # Another thread's request goes while this one waits: the template forks the next
+            # servlet as soon as it has answered this one (a short script's second replica came
+            # up a request's round trip, ~3 ms, later).
+            with self._lock:
                 deadline = time.monotonic() + REPLY_TIMEOUT
-                while True:
-                    reply, fds = self._receive(deadline)
-                    if "error" in reply:
-                        raise TemplateError(f"the template failed to fork a servlet:\n{reply['error']}")
-                    if "pid" in reply:
-                        break
+                while number not in self._answers:
+                    self._receive(deadline)
+                reply, fds = self._answers.pop(number)
+            if "error" in reply:
+                raise TemplateError(f"the template failed to fork a servlet:\n{reply['error']}")
         except BaseException:
             os.close(stdin_w)
             os.close(stdout_r)
@@ -150,8 +159,8 @@ class Template:
         if wait > 0 and _ended(self._pidfd, wait):
             self.proc.wait()  # reaped, now that it has ended
 
-    def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
-        """The next message from the template (holding the lock); an exit is recorded as it passes."""
+    def _receive(self, deadline: float) -> None:
+        """Reads the next message from the template (holding the lock): its readiness, an exit, or an answer."""
         if self._lost:
             raise TemplateError("the template process is gone")
         poller = select.poll()
@@ -169,7 +178,9 @@ class Template:
             self._ready = True
         if "exit" in message:
             self._exits[int(message["exit"])] = int(message["code"])
-        return message, fds
+        if "pid" in message or "error" in message:
+            self._answers[self._answered] = (message, fds)
+            self._answered += 1
 
     def _gone(self, why: str) -> TemplateError:
         self._lost = True

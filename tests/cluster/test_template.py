@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -132,6 +134,29 @@ def test_closing_the_cluster_ends_its_forked_replicas_at_once(own_template: temp
     assert time.monotonic() - started < 2.0, "close waits for no grace period: the replicas leave on end-of-file"
     assert all(gone(pid) for pid in pids)
     assert [r.servlet.exit_status() for r in remotes] == [ExitStatus(ExitKind.STOPPED)] * 3
+
+
+def who_am_i(_: object = None) -> tuple[str | None, int, int]:
+    return os.environ.get("FLAVOUR"), os.getpid(), os.getppid()
+
+
+def test_replicas_asked_for_at_once_each_get_their_own_answer(own_template: template.Template) -> None:
+    # Requests go to the template while earlier ones wait for their answers: no answer may reach another.
+    count = 6
+    barrier = threading.Barrier(count)
+    with rm.LocalCluster(name="template-at-once") as c:
+
+        def start(i: int) -> rm.Remote:
+            env = rm.env(name=f"r{i}", env_vars={"FLAVOUR": f"f{i}"})
+            barrier.wait(timeout=10)
+            return rm.function(who_am_i).to(c, env=env)
+
+        with ThreadPoolExecutor(count) as pool:
+            remotes = list(pool.map(start, range(count)))
+        answers = [r() for r in remotes]
+    assert [flavour for flavour, _, _ in answers] == [f"f{i}" for i in range(count)]
+    assert [pid for _, pid, _ in answers] == [r.servlet.pid for r in remotes], "each knows its own servlet's pid"
+    assert {parent for _, _, parent in answers} == {own_template.proc.pid}
 
 
 def test_replicas_leave_with_a_killed_template_and_the_next_start_gets_a_new_one(
