@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 READY_TIMEOUT = 30.0  # for the template to import the servlet's stack, on a loaded machine
 REPLY_TIMEOUT = 10.0  # for it to fork one servlet
 STATUS_TIMEOUT = 5.0  # between a servlet's end and the template's word on how it ended
-CLOSE_WAIT = 1.0  # at exit, for the template to leave: it does on end-of-file, within a millisecond
 MAX_MESSAGE = 1 << 16
 LOST = -1000
 """A forked servlet's return code when its exit status was lost with its template."""
@@ -304,8 +303,10 @@ def current() -> Template | None:
 
 
 def _close_shared() -> None:
+    # At exit: the template leaves on the end-of-file this sends, a millisecond or so later; waiting
+    # for that (to reap it) held every script's exit up by as long, and the exit closes its stdin too.
     if _shared is not None:
-        _shared.close(wait=CLOSE_WAIT)
+        _shared.close()
 
 
 def _forget_in_child() -> None:
