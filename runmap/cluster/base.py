@@ -20,10 +20,9 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runmap import logs, registry
+from runmap import _threads, logs, registry
 from runmap.envs.env import Env
 from runmap.exceptions import ClusterError, ConfigError
 from runmap.servlet import Servlet
@@ -213,8 +212,7 @@ class Cluster(ABC):
             self._servlets.clear()
         _open_clusters.discard(self)
         if servlets:
-            with ThreadPoolExecutor(max_workers=min(16, len(servlets)), thread_name_prefix="runmap-stop") as pool:
-                list(pool.map(lambda s: s.stop(), servlets))
+            _threads.each(lambda s: s.stop(), servlets, "runmap-stop")
             for servlet in servlets:
                 logs.unfollow(servlet)
         registry.remove(self)

@@ -85,7 +85,7 @@ class Template:
         # Its end is read from a pidfd, not from waitpid: a library in this client (Ray's driver)
         # may reap children that are not its own, and Popen.poll would then call it ended at once.
         self._pidfd = self.proc.pidfd
-        weakref.finalize(self, os.close, self._pidfd)
+        _close_with(self, self._pidfd)
 
     @property
     def came_up(self) -> bool:
@@ -209,7 +209,7 @@ class ForkedProcess:
         self._template = template
         self._pidfd = pidfd
         self._lock = threading.Lock()
-        weakref.finalize(self, os.close, pidfd)
+        _close_with(self, pidfd)
 
     def poll(self) -> int | None:
         if self.returncode is None and _ended(self._pidfd, 0):
@@ -235,6 +235,13 @@ class ForkedProcess:
         with self._lock:
             if self.returncode is None:
                 self.returncode = self._template.exit_code(self.pid)
+
+
+def _close_with(owner: object, fd: int) -> None:
+    """Closes ``fd`` once ``owner`` is collected, and not at exit: ``weakref.finalize``'s exit hook
+    runs before the hooks that close what a script left open, which still wait on these pidfds
+    (a Mapper left open took a closed pidfd for an ended servlet, and waited 5 s for its status)."""
+    weakref.finalize(owner, os.close, fd).atexit = False
 
 
 def describe_lost(code: int) -> str | None:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from runmap import logs
+from runmap import _threads, logs
 from runmap import serialization as ser
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
@@ -246,14 +246,13 @@ class Mapper:
         """Starts ``n`` replicas by duplicating the target's env, in parallel."""
         if n <= 0:
             return []
-        with ThreadPoolExecutor(max_workers=min(8, n), thread_name_prefix="runmap-start") as ex:
-            futures = [ex.submit(self._create_replica) for _ in range(n)]
-        created = [f.result() for f in futures if f.exception() is None]
+        started = _threads.outcomes(lambda _: self._create_replica(), range(n), "runmap-start", max_threads=8)
+        created = [r for r in started if not isinstance(r, BaseException)]
         for remote in created:
             self._pool.add(remote, owned=True)
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [e for e in started if isinstance(e, BaseException)]
         if errors:
-            raise errors[0]  # type: ignore[misc]
+            raise errors[0]
         return created
 
     def _start_early(self, cluster: Cluster, env: Env, place: Callable[[Servlet], Remote], n: int) -> None:

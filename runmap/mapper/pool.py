@@ -26,10 +26,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Union
 
+from runmap import _threads
 from runmap import serialization as ser
 from runmap.cluster.process import ExitStatus
 from runmap.exceptions import ReplicaDiedError, ReplicaError, ReplicaTimeoutError, SerializationError
@@ -462,12 +462,7 @@ class ReplicaPool:
         All at once: each takes a round of its process's exit, which the others need not wait for.
         """
         owned = [r for r in self.replicas if r.owned and not r.retired]
-        if len(owned) == 1:
-            owned[0].provider.release(owned[0].remote, owned=True)
-        elif owned:
-            with ThreadPoolExecutor(max_workers=min(16, len(owned)), thread_name_prefix="runmap-stop") as ex:
-                for future in [ex.submit(r.provider.release, r.remote, True) for r in owned]:
-                    future.result()
+        _threads.each(lambda r: r.provider.release(r.remote, owned=True), owned, "runmap-stop")
 
 
 def _exit_within(servlet: Servlet, stop: Callable[[], bool] = lambda: False) -> ExitStatus | None:

@@ -324,3 +324,39 @@ def test_slow_inputs_after_a_map_of_quick_ones_still_spread_over_the_replicas() 
         took = time.monotonic() - start
     assert sorted(pids.count(pid) for pid in set(pids)) == [4, 4], pids
     assert took < 8 * 0.2 * 0.9, took  # in parallel (one after another: 1.6 s)
+
+
+LEFT_OPEN = """
+import json, os, sys
+import runmap as rm
+
+def ident(x):
+    return os.getpid()
+
+m = rm.mapper(ident, num_replicas=NUM_REPLICAS)
+print(json.dumps(sorted(set(m.map(range(20), progress=False, chunksize=1)))), flush=True)
+"""
+
+
+@pytest.mark.parametrize("template", ["1", "0"])
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_a_mapper_left_open_ends_with_the_interpreter_quietly(template: str, num_replicas: int) -> None:
+    # At exit the Mapper closes its replicas itself: no traceback, no wait, nothing left running.
+    import json
+    import subprocess
+
+    from processes import assert_all_end
+
+    env = {**os.environ, "RUNMAP_TEMPLATE": template}
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN.replace("NUM_REPLICAS", str(num_replicas))],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    pids = json.loads(out.stdout)
+    assert len(pids) == num_replicas
+    assert_all_end(pids, within=5, what="a replica outlived the script that left its Mapper open")
+    assert took < 4.0, f"the script took {took:.1f} s to exit"

@@ -29,10 +29,10 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from runmap import _threads
 from runmap.cluster.base import Cluster, new_token
 from runmap.cluster.process import ExitStatus, SubprocessServlet, start_subprocess_servlet, tail
 from runmap.cluster.ssh.bootstrap import HostInfo, bootstrap, ship_directory
@@ -123,20 +123,25 @@ class SSHCluster(Cluster):
         # (host, local directory, remote directory, whether it was sent): what _ship did, in order.
         self.shipments: list[tuple[str, str, str, bool]] = []
         try:
-            with ThreadPoolExecutor(max_workers=min(8, len(hosts)), thread_name_prefix="runmap-ssh") as pool:
-                connections = list(
-                    pool.map(
-                        lambda host: SSHConnection(
-                            host,
-                            config_file=os.fspath(config_file) if config_file else None,
-                            key=os.fspath(key) if key else None,
-                            accept_new_host_keys=accept_new_host_keys,
-                            control_dir=runtime_subdir("ssh", "ctl"),
-                        ),
-                        self.hosts,
-                    )
-                )
-            self._connections = dict(zip(self.hosts, connections, strict=True))
+            opened = _threads.outcomes(
+                lambda host: SSHConnection(
+                    host,
+                    config_file=os.fspath(config_file) if config_file else None,
+                    key=os.fspath(key) if key else None,
+                    accept_new_host_keys=accept_new_host_keys,
+                    control_dir=runtime_subdir("ssh", "ctl"),
+                ),
+                self.hosts,
+                "runmap-ssh",
+                max_threads=8,
+            )
+            # Those that opened are closed below if another failed.
+            self._connections = {
+                host: conn for host, conn in zip(self.hosts, opened, strict=True) if isinstance(conn, SSHConnection)
+            }
+            failed = [e for e in opened if isinstance(e, BaseException)]
+            if failed:
+                raise failed[0]
             infos = self._bootstrap_all(Env())
         except BaseException:
             self._closed = True
@@ -156,8 +161,8 @@ class SSHCluster(Cluster):
     # ------------------------------------------------------------ bootstrap
 
     def _bootstrap_all(self, env: Env) -> dict[str, HostInfo]:
-        with ThreadPoolExecutor(max_workers=min(8, len(self.hosts)), thread_name_prefix="runmap-ssh") as pool:
-            return dict(zip(self.hosts, pool.map(lambda h: self.host_info(h, env), self.hosts), strict=True))
+        infos = _threads.each(lambda h: self.host_info(h, env), self.hosts, "runmap-ssh", max_threads=8)
+        return dict(zip(self.hosts, infos, strict=True))
 
     def host_info(self, host: str, env: Env) -> HostInfo:
         """``host`` prepared for ``env`` (built once per content hash, on the host, and cached)."""
@@ -298,12 +303,11 @@ class SSHCluster(Cluster):
         super().close()
         with self._lock:
             connections, self._connections = dict(self._connections), {}
-        if connections:
-            with ThreadPoolExecutor(max_workers=len(connections), thread_name_prefix="runmap-ssh-close") as pool:
-                results = list(pool.map(_close_quietly, connections.values()))
-                for conn, done in zip(connections.values(), results, strict=True):
-                    if done is not None:
-                        print(f"runmap: closing the connection to {conn.host} failed: {done}", file=sys.stderr)
+        # One host's failure must not leave the others' connections open.
+        results = _threads.outcomes(lambda conn: conn.close(), connections.values(), "runmap-ssh-close")
+        for conn, done in zip(connections.values(), results, strict=True):
+            if isinstance(done, Exception):
+                print(f"runmap: closing the connection to {conn.host} failed: {done}", file=sys.stderr)
         shutil.rmtree(self._sockets, ignore_errors=True)
         closers, self._closers = self._closers, []
         for callback in closers:
@@ -334,15 +338,6 @@ def _git_conda_file(env: Env) -> tuple[str, str] | None:
     from runmap.envs.git import checkout
 
     return env.git.conda_file, (checkout(env.git) / env.git.conda_file).read_text()
-
-
-def _close_quietly(conn: SSHConnection) -> BaseException | None:
-    """Closes ``conn``; one host's failure must not leave the others' connections open."""
-    try:
-        conn.close()
-    except Exception as exc:
-        return exc
-    return None
 
 
 SUN_PATH_MAX = 100  # a Unix socket's path must fit in sockaddr_un (108 bytes, less what ssh appends)
