@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Union
 
-from runmap import _threads
+from runmap import _threads, registry
 from runmap import serialization as ser
 from runmap.cluster.process import ExitStatus
 from runmap.exceptions import ReplicaDiedError, ReplicaError, ReplicaTimeoutError, SerializationError
@@ -462,7 +462,8 @@ class ReplicaPool:
         All at once: each takes a round of its process's exit, which the others need not wait for.
         """
         owned = [r for r in self.replicas if r.owned and not r.retired]
-        _threads.each(lambda r: r.provider.release(r.remote, owned=True), owned, "runmap-stop")
+        with registry.batch():  # each stop would write its cluster's entry again
+            _threads.each(lambda r: r.provider.release(r.remote, owned=True), owned, "runmap-stop")
 
 
 def _exit_within(servlet: Servlet, stop: Callable[[], bool] = lambda: False) -> ExitStatus | None:
