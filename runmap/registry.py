@@ -57,6 +57,10 @@ class _Record:
 _lock = threading.Lock()
 _records: weakref.WeakKeyDictionary[Cluster, _Record] = weakref.WeakKeyDictionary()
 _batches = 0  # open batches (any thread's): updates wait for the last to end
+_batched_since = 0.0  # when the first of them opened
+BATCH_SECONDS = 0.5
+"""How long updates wait in a batch at most: a slow start (hosts bootstrapped over SSH) shows its
+servlets in ``runmap status`` as they come up, a fast one writes once."""
 _waiting: dict[Cluster, None] = {}  # clusters updated meanwhile, in order
 
 
@@ -69,15 +73,18 @@ def registry_dir() -> Path:
 
 @contextlib.contextmanager
 def batch() -> Iterator[None]:
-    """Within, updates are written once, as the last open batch ends: as it stands then.
+    """Within, updates are written once, as the last open batch ends (as things stand then), or
+    as they come once the batch has been open ``BATCH_SECONDS``.
 
     Starting or stopping several servlets at once (a Mapper's replicas) wrote a
     cluster's whole entry again for each, one after another under the lock: two
     replicas' starts and stops each waited 0.5-2 ms more in a short script, and
     a Mapper of 64 replicas wrote 64 growing entries.
     """
-    global _batches
+    global _batches, _batched_since
     with _lock:
+        if _batches == 0:
+            _batched_since = time.monotonic()
         _batches += 1
     try:
         yield
@@ -97,7 +104,7 @@ def update(cluster: Cluster) -> None:
         if cluster.closed:  # checked under the lock, so a late update never revives a closed entry
             _forget(cluster)
             return
-        if _batches:
+        if _batches and time.monotonic() - _batched_since < BATCH_SECONDS:
             _waiting[cluster] = None
             return
         now = time.time()

@@ -71,3 +71,22 @@ def test_closing_a_mapper_writes_its_cluster_once(writes: list[dict[str, Any]]) 
         assert len(writes) == before + 1
         assert _listed("mapped") == []
     assert os.listdir(registry.registry_dir()) == []
+
+
+def test_starting_a_mapper_writes_its_cluster_once(writes: list[dict[str, Any]]) -> None:
+    with rm.LocalCluster(name="starting") as c:
+        with rm.mapper(ident, num_replicas=3, cluster=c) as m:
+            assert len(writes) == 1, "one write for the three replicas' starts"
+            assert len(writes[0]["servlets"]) == 3
+            assert m.map(range(3), progress=False) == [0, 1, 2]
+
+
+def test_a_batch_open_long_writes_as_updates_come(
+    writes: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "BATCH_SECONDS", 0.0)  # as if it had been open a while
+    with rm.LocalCluster(name="slow") as c, registry.batch():
+        c.start_servlet(rm.env(name="s0"))
+        assert len(writes) == 1 and _listed("slow") == ["s0"]
+        c.start_servlet(rm.env(name="s1"))
+        assert len(writes) == 2 and _listed("slow") == ["s0", "s1"]

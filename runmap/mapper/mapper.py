@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from runmap import _threads, logs
+from runmap import _threads, logs, registry
 from runmap import serialization as ser
 from runmap.cluster.base import Cluster
 from runmap.envs.env import Env
@@ -184,7 +184,8 @@ class Mapper:
                 return
             self._check_open()
             try:
-                self._start_replicas()
+                with registry.batch():  # each replica's start would write the cluster's entry again
+                    self._start_replicas()
             except BaseException as exc:
                 self._start_error = exc
                 self.close()
