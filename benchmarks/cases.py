@@ -153,7 +153,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 # ------------------------------------------------------------------ (a)
 
 
-SMALL_REPEATS = 5  # a map of a tenth of (a)'s items takes a few ms: one is mostly scheduler noise
+SMALL_REPEATS = 15  # a map of a tenth of (a)'s items takes ~2-3 ms: one is mostly scheduler noise; with 5, one
+# process's median for `Pool` moved from 4.1M to 9.9M items/s between runs
 D_REPEATS = 5  # (d): one run of 10k calls (~0.15 s) moved from 60k to 110k calls/s between runs on 2 vCPUs
 REPEATS = 3  # a map of all (a)'s items takes ~25 ms on 2 vCPUs: one alone moved 15% between rounds, either way
 

@@ -93,7 +93,7 @@ NOTES = {
     "(its default of 1 runs at ~9k/s); joblib with its automatic batching; Dask `client.map` + `client.gather`, "
     "one task per item (2k items: its rate does not depend on the count). Start-up excluded; every peer warmed "
     "with one small map. Each round takes the median of 3 maps (Dask: one), in one process: one map of ~25 ms "
-    "moved 15% between rounds; at a tenth of the items (runmap and Pool), the median of 5 maps: one map of a "
+    "moved 15% between rounds; at a tenth of the items (runmap and Pool), the median of 15 maps: one map of a "
     "few ms is mostly the scheduler's noise.",
     "b": "Speedup = sequential seconds / parallel seconds, sequential measured in its own process, "
     "each round's parallel run paired with the same round's sequential one (median of the pairs shown).",
