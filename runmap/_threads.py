@@ -53,10 +53,15 @@ def outcomes(
     return results
 
 
+def first_error(results: Iterable[object]) -> BaseException | None:
+    """The first exception among :func:`outcomes`' results, if any."""
+    return next((r for r in results if isinstance(r, BaseException)), None)
+
+
 def each(fn: Callable[[T], R], items: Iterable[T], name: str, max_threads: int = MAX_THREADS) -> list[R]:
     """:func:`outcomes`, raising the first exception once every item has run."""
     results = outcomes(fn, items, name, max_threads)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    error = first_error(results)
+    if error is not None:
+        raise error
     return results  # type: ignore[return-value]

@@ -251,9 +251,9 @@ class Mapper:
         created = [r for r in started if not isinstance(r, BaseException)]
         for remote in created:
             self._pool.add(remote, owned=True)
-        errors = [e for e in started if isinstance(e, BaseException)]
-        if errors:
-            raise errors[0]
+        error = _threads.first_error(started)
+        if error is not None:
+            raise error
         return created
 
     def _start_early(self, cluster: Cluster, env: Env, place: Callable[[Servlet], Remote], n: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -10,6 +12,7 @@ import traceback
 from concurrent.futures import Future
 
 import pytest
+from processes import assert_all_end
 
 import runmap as rm
 from runmap.mapper.batching import MAX_CHUNK
@@ -342,11 +345,6 @@ print(json.dumps(sorted(set(m.map(range(20), progress=False, chunksize=1)))), fl
 @pytest.mark.parametrize("num_replicas", [1, 3])
 def test_a_mapper_left_open_ends_with_the_interpreter_quietly(template: str, num_replicas: int) -> None:
     # At exit the Mapper closes its replicas itself: no traceback, no wait, nothing left running.
-    import json
-    import subprocess
-
-    from processes import assert_all_end
-
     env = {**os.environ, "RUNMAP_TEMPLATE": template}
     started = time.monotonic()
     out = subprocess.run(

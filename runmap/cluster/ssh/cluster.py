@@ -139,9 +139,9 @@ class SSHCluster(Cluster):
             self._connections = {
                 host: conn for host, conn in zip(self.hosts, opened, strict=True) if isinstance(conn, SSHConnection)
             }
-            failed = [e for e in opened if isinstance(e, BaseException)]
-            if failed:
-                raise failed[0]
+            failed = _threads.first_error(opened)
+            if failed is not None:
+                raise failed
             infos = self._bootstrap_all(Env())
         except BaseException:
             self._closed = True
