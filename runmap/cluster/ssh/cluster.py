@@ -303,11 +303,7 @@ class SSHCluster(Cluster):
         super().close()
         with self._lock:
             connections, self._connections = dict(self._connections), {}
-        # One host's failure must not leave the others' connections open.
-        results = _threads.outcomes(lambda conn: conn.close(), connections.values(), "runmap-ssh-close")
-        for conn, done in zip(connections.values(), results, strict=True):
-            if isinstance(done, Exception):
-                print(f"runmap: closing the connection to {conn.host} failed: {done}", file=sys.stderr)
+        _threads.each(_close_quietly, connections.values(), "runmap-ssh-close")
         shutil.rmtree(self._sockets, ignore_errors=True)
         closers, self._closers = self._closers, []
         for callback in closers:
@@ -338,6 +334,14 @@ def _git_conda_file(env: Env) -> tuple[str, str] | None:
     from runmap.envs.git import checkout
 
     return env.git.conda_file, (checkout(env.git) / env.git.conda_file).read_text()
+
+
+def _close_quietly(conn: SSHConnection) -> None:
+    """Closes ``conn``, saying so if it fails: one host's failure must not leave the others' connections open."""
+    try:
+        conn.close()
+    except Exception as exc:
+        print(f"runmap: closing the connection to {conn.host} failed: {exc}", file=sys.stderr)
 
 
 SUN_PATH_MAX = 100  # a Unix socket's path must fit in sockaddr_un (108 bytes, less what ssh appends)
